@@ -1,0 +1,107 @@
+"""The composition root: :func:`build_app` wires every part of the gateway, in one place.
+
+Nothing inside the engine imports this module; the CLI and the tests do.
+Policies and config are read and checked here, before the first request, so a
+bad policy file or setting fails start-up instead of a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+from aiohttp import web
+
+from .auth import Authenticate, Authenticator
+from .catalog import Catalog, load_catalog
+from .config import Config, Secret
+from .errors import error_middleware
+from .forward import Forward, Record
+from .pipeline import Pipeline
+from .refresh import StatusRefresher
+from .routes import add_routes
+from .services import SERVICES, Services
+from .simulator import Simulator, SimulatorSettings
+from .store.sqlite import SQLiteStore
+from .upstream import Upstream
+from .validate import Validate
+
+logger = logging.getLogger(__name__)
+
+Context = Callable[[web.Application], AsyncIterator[None]]
+
+
+def build_app(config: Config) -> web.Application:
+    """The gateway as an aiohttp application, ready for ``web.run_app`` or a test server."""
+    catalog = load_catalog(config.policies_dir)
+    contexts: list[Context] = []
+    if config.simulate:
+        config, simulator_context = _in_process_simulator(config, catalog)
+        contexts.append(simulator_context)
+
+    store = SQLiteStore(config.db_path)
+    upstream = Upstream(
+        config.upstream_url,
+        config.upstream_key,
+        timeout=config.upstream_timeout,
+        connect_timeout=config.upstream_connect_timeout,
+    )
+    authenticator = Authenticator(config, store)
+    pipeline = Pipeline(
+        [
+            Authenticate(authenticator),
+            Validate(config.max_body_bytes),
+            Record(store),
+            Forward(upstream, config.base_url),
+        ]
+    )
+    services = Services(
+        config=config,
+        catalog=catalog,
+        store=store,
+        upstream=upstream,
+        authenticator=authenticator,
+        pipeline=pipeline,
+        refresher=StatusRefresher(store, upstream, config.status_refresh_seconds),
+    )
+
+    async def open_store(app: web.Application) -> AsyncIterator[None]:
+        await store.open()
+        yield
+        await store.close()
+
+    async def open_upstream(app: web.Application) -> AsyncIterator[None]:
+        await upstream.start()
+        yield
+        await upstream.close()
+
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app[SERVICES] = services
+    app.cleanup_ctx.extend([*contexts, open_store, open_upstream])
+    add_routes(app, services)
+    return app
+
+
+def _in_process_simulator(config: Config, catalog: Catalog) -> tuple[Config, Context]:
+    """Run the simulator on a loopback port of its own and point the gateway at it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    settings = SimulatorSettings()
+    if config.upstream_key:
+        settings.key = config.upstream_key.reveal()
+    simulator = Simulator(catalog, settings)
+    config = replace(config, upstream_url=f"http://127.0.0.1:{port}", upstream_key=Secret(settings.key))
+
+    async def run_simulator(app: web.Application) -> AsyncIterator[None]:
+        runner = web.AppRunner(simulator.build_app(), access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        logger.info("simulated upstream listening on http://127.0.0.1:%d", port)
+        yield
+        await runner.cleanup()
+
+    return config, run_simulator

@@ -1,0 +1,174 @@
+"""Who is calling: the gateway's own JWT, where the upstream subscription key used to go.
+
+A token is read from ``Ocp-Apim-Subscription-Key`` (so an existing client
+only swaps its key) or ``Authorization: Bearer``. Algorithms are an explicit
+allow-list from the config; ``none`` is never on it, and HMAC and public-key
+algorithms are never mixed (config refuses that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from .config import SYMMETRIC_ALGORITHMS, Config, ConfigError
+from .errors import Forbidden, Unauthorized
+from .pipeline import Policy, SubmitContext
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+KEY_HEADER = "Ocp-Apim-Subscription-Key"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller a valid token names."""
+
+    user: str
+    team: str
+    admin: bool = False
+
+
+def bearer_token(headers: Any) -> str | None:
+    value = headers.get("Authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("The Authorization header must read 'Bearer <token>'")
+    return token.strip()
+
+
+class Authenticator:
+    """Verifies gateway tokens and resolves them to a :class:`Principal` of a known team."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.algorithms = list(config.jwt_algorithms)
+        self._symmetric = bool(set(self.algorithms) & SYMMETRIC_ALGORITHMS)
+        self._static_key: Any = None
+        self._jwks: jwt.PyJWKClient | None = None
+        if self._symmetric:
+            self._static_key = config.jwt_secret.reveal()
+        elif config.jwt_public_key:
+            self._static_key = _read_public_key(config.jwt_public_key)
+        else:
+            self._jwks = jwt.PyJWKClient(config.jwt_jwks_url, cache_keys=True, lifespan=300, timeout=5)
+
+    def token_from(self, headers: Any) -> str:
+        subscription_key = headers.get(KEY_HEADER)
+        bearer = bearer_token(headers)
+        if subscription_key is not None and bearer is not None and subscription_key.strip() != bearer:
+            raise Unauthorized(f"Send one gateway token, in {KEY_HEADER} or Authorization, not two different ones")
+        token = (bearer or subscription_key or "").strip()
+        if not token:
+            raise Unauthorized(f"Missing gateway token: send it in {KEY_HEADER} or as Authorization: Bearer <token>")
+        if len(token) > self.config.max_token_bytes:
+            raise Unauthorized(f"The token is longer than {self.config.max_token_bytes} bytes")
+        upstream_key = self.config.upstream_key.reveal()
+        if upstream_key and hmac.compare_digest(token.encode(), upstream_key.encode()):
+            logger.warning("a client sent the upstream subscription key itself as its token; refused")
+            raise Unauthorized("The upstream subscription key is not accepted here: use your gateway token")
+        return token
+
+    async def authenticate(self, headers: Any) -> Principal:
+        """The caller behind ``headers``; :class:`Unauthorized` or :class:`Forbidden` otherwise."""
+        claims = await self.verify(self.token_from(headers))
+        team_claim = self.config.jwt_team_claim
+        user, team = claims.get("sub"), claims.get(team_claim)
+        if not isinstance(user, str) or not user.strip():
+            raise Unauthorized("The token's 'sub' claim must be a non-empty string")
+        if not isinstance(team, str) or not team.strip():
+            raise Unauthorized(f"The token's '{team_claim}' claim must be a non-empty string")
+        if await self.store.get_team(team) is None:
+            raise Forbidden(f"Team '{team}' is not known to this gateway")
+        return Principal(user=user, team=team, admin=claims.get("role") == "admin")
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        """The token's claims once signature, algorithm, expiry, issuer and audience check out."""
+        try:
+            key = self._static_key
+            if self._jwks is not None:
+                key = (await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)).key
+            return jwt.decode(
+                token,
+                key,
+                algorithms=self.algorithms,
+                audience=self.config.jwt_audience or None,
+                issuer=self.config.jwt_issuer or None,
+                options={
+                    "require": ["exp", "sub", self.config.jwt_team_claim],
+                    "verify_aud": bool(self.config.jwt_audience),
+                },
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("The token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthorized("The token is not valid yet") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthorized("The token's audience is not accepted") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthorized("The token's issuer is not accepted") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized(f"The token lacks the '{exc.claim}' claim") from None
+        except jwt.InvalidAlgorithmError:
+            raise Unauthorized("The token's algorithm is not allowed") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthorized("The token's signature is invalid") from None
+        except jwt.PyJWKClientError:
+            raise Unauthorized("The token's signing key is not known") from None
+        except jwt.InvalidTokenError:
+            raise Unauthorized("The token is malformed") from None
+
+
+def _read_public_key(value: str) -> str:
+    """A PEM given inline, or the path of a file holding one; checked at start-up."""
+    if "-----BEGIN" not in value:
+        try:
+            value = Path(value).read_text()
+        except OSError as exc:
+            raise ConfigError(f"PROXY_JWT_PUBLIC_KEY: cannot read {value}: {exc.strerror}") from None
+    try:
+        load_pem_public_key(value.encode())
+    except ValueError:
+        raise ConfigError("PROXY_JWT_PUBLIC_KEY is not a PEM public key") from None
+    return value
+
+
+def mint_token(config: Config, *, team: str, user: str, ttl_seconds: int, admin: bool = False) -> str:
+    """A token signed with ``PROXY_JWT_SECRET`` (HMAC setups only), as ``token mint`` prints."""
+    if not config.jwt_secret:
+        raise ValueError("PROXY_JWT_SECRET is not set")
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": user, config.jwt_team_claim: team, "iat": now, "exp": now + ttl_seconds}
+    if admin:
+        claims["role"] = "admin"
+    if config.jwt_issuer:
+        claims["iss"] = config.jwt_issuer
+    if config.jwt_audience:
+        claims["aud"] = config.jwt_audience
+    algorithm = next((a for a in config.jwt_algorithms if a in SYMMETRIC_ALGORITHMS), "HS256")
+    return jwt.encode(claims, config.jwt_secret.reveal(), algorithm=algorithm)
+
+
+class Authenticate(Policy):
+    """First policy: no valid token of a known team, no further work."""
+
+    name = "auth"
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def on_request(self, ctx: SubmitContext) -> None:
+        ctx.principal = await self.authenticator.authenticate(ctx.request.headers)

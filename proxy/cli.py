@@ -1,0 +1,178 @@
+"""``pixazo-proxy``: serve the gateway, manage teams, mint tokens, check policies.
+
+Every ``serve`` flag can also be set by its environment variable (see
+``proxy/config.py``); a flag given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, load_config
+from .money import micros_to_usd, usd_to_micros
+from .policyfile import PolicyError
+from .store import PERIODS, TeamExists
+from .store.sqlite import SQLiteStore
+
+logger = logging.getLogger(__name__)
+
+
+class CommandError(Exception):
+    """A command could not do what was asked; the message says why."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, PolicyError, CommandError) as exc:
+        print(f"pixazo-proxy: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixazo-proxy", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", help="address to listen on (PROXY_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (PROXY_PORT, default 8080)")
+    serve.add_argument("--public-url", help="URL clients reach the gateway at (PROXY_PUBLIC_URL)")
+    serve.add_argument("--upstream", help="Pixazo base URL (PIXAZO_UPSTREAM_URL, default https://gateway.pixazo.ai)")
+    serve.add_argument("--db", help="SQLite database path (PROXY_DB, default pixazo-proxy.db)")
+    serve.add_argument("--policies", type=Path, help="policy directory (PROXY_POLICIES, default ./policies)")
+    serve.add_argument("--simulate", action="store_true", default=None,
+                       help="run the Pixazo simulator in-process as the upstream (PROXY_SIMULATE=1)")
+    serve.set_defaults(run=_serve)
+
+    teams = commands.add_parser("teams", help="manage teams").add_subparsers(dest="action", required=True)
+    create = teams.add_parser("create", help="create a team with a budget")
+    create.add_argument("name")
+    create.add_argument("--budget", required=True, help="budget limit in USD, e.g. 250 or 12.50")
+    create.add_argument("--period", choices=PERIODS, default="month", help="budget period (default month)")
+    create.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    create.set_defaults(run=_teams_create)
+    listing = teams.add_parser("list", help="list teams")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    listing.set_defaults(run=_teams_list)
+
+    token = commands.add_parser("token", help="gateway tokens").add_subparsers(dest="action", required=True)
+    mint = token.add_parser("mint", help="print a JWT signed with PROXY_JWT_SECRET")
+    mint.add_argument("--team", required=True)
+    mint.add_argument("--user", required=True)
+    mint.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+    mint.add_argument("--admin", action="store_true", help="give the token the admin role")
+    mint.set_defaults(run=_token_mint)
+
+    policies = commands.add_parser("policies", help="policy files").add_subparsers(dest="action", required=True)
+    check = policies.add_parser("check", help="validate the policy files")
+    check.add_argument("dir", nargs="?", type=Path, help="policy directory (PROXY_POLICIES, default ./policies)")
+    check.set_defaults(run=_policies_check)
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .app import build_app
+
+    config = load_config(
+        host=args.host,
+        port=args.port,
+        public_url=args.public_url,
+        upstream_url=args.upstream,
+        db_path=args.db,
+        policies_dir=args.policies,
+        simulate=args.simulate,
+    )
+    _configure_logging(config.log_level)
+    app = build_app(config)
+    logger.info(
+        "pixazo-proxy listening on %s (upstream: %s)", config.base_url,
+        "in-process simulator" if config.simulate else config.upstream_url,
+    )
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=logging.getLogger("proxy.access"))
+    return 0
+
+
+def _store_path(args: argparse.Namespace) -> str:
+    return args.db or os.environ.get("PROXY_DB") or "pixazo-proxy.db"
+
+
+async def _with_store(path: str, work: Any) -> Any:
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+def _teams_create(args: argparse.Namespace) -> int:
+    try:
+        limit = usd_to_micros(args.budget)
+    except ValueError as exc:
+        raise CommandError(f"--budget: {exc}") from None
+    if not args.name.strip() or len(args.name) > 100:
+        raise CommandError("a team name must be 1 to 100 characters")
+    try:
+        team = asyncio.run(_with_store(_store_path(args), lambda s: s.create_team(args.name, limit, args.period)))
+    except TeamExists:
+        raise CommandError(f"team '{args.name}' already exists") from None
+    print(f"created team {team.name}: budget {micros_to_usd(team.budget_limit_micros)} USD per {team.period}")
+    return 0
+
+
+def _teams_list(args: argparse.Namespace) -> int:
+    teams = asyncio.run(_with_store(_store_path(args), lambda s: s.list_teams()))
+    rows = [
+        {"name": t.name, "budget_usd": micros_to_usd(t.budget_limit_micros), "period": t.period, "created_at": t.created_at}
+        for t in teams
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'TEAM':<24} {'BUDGET (USD)':>14} {'PERIOD':<7} CREATED")
+    for row in rows:
+        print(f"{row['name']:<24} {row['budget_usd']:>14} {row['period']:<7} {row['created_at']}")
+    return 0
+
+
+def _token_mint(args: argparse.Namespace) -> int:
+    from .auth import mint_token
+    from .config import SYMMETRIC_ALGORITHMS
+
+    config = load_config(simulate=True)  # minting needs the JWT settings only, not the upstream key
+    if not set(config.jwt_algorithms) & SYMMETRIC_ALGORITHMS:
+        raise CommandError("token mint signs with PROXY_JWT_SECRET; this gateway is set up for public-key tokens")
+    if args.ttl < 1:
+        raise CommandError("--ttl must be at least 1 second")
+    print(mint_token(config, team=args.team, user=args.user, ttl_seconds=args.ttl, admin=args.admin))
+    return 0
+
+
+def _policies_check(args: argparse.Namespace) -> int:
+    from .catalog import load_catalog
+
+    directory = args.dir or Path(os.environ.get("PROXY_POLICIES") or "policies")
+    catalog = load_catalog(directory)
+    print(f"{directory}: ok ({len(catalog.models)} models: {', '.join(catalog.models)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Configuration: read once, from the environment and command-line flags, into a frozen object.
+
+Every setting has an environment variable; a flag given on the command line
+wins over it. A missing or malformed setting stops start-up with one line
+that names it (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_UPSTREAM_URL = "https://gateway.pixazo.ai"
+SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"})
+MIN_JWT_SECRET_LENGTH = 32
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the setting."""
+
+
+class Secret:
+    """A string that does not show itself in reprs, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the gateway reads from its environment."""
+
+    upstream_key: Secret
+    jwt_secret: Secret = field(default_factory=lambda: Secret(""))
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""
+    upstream_url: str = DEFAULT_UPSTREAM_URL
+    db_path: str = "pixazo-proxy.db"
+    policies_dir: Path = Path("policies")
+    simulate: bool = False
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_public_key: str = ""
+    jwt_jwks_url: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_team_claim: str = "team"
+    max_token_bytes: int = 8192
+    max_body_bytes: int = 1024 * 1024
+    upstream_timeout: float = 30.0
+    upstream_connect_timeout: float = 5.0
+    status_refresh_seconds: float = 5.0
+    log_level: str = "INFO"
+
+    @property
+    def base_url(self) -> str:
+        """The gateway's public URL, used to build ``polling_url``."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+# setting name -> (environment variable, parser)
+def _text(value: str) -> str:
+    return value.strip()
+
+
+def _int(value: str) -> int:
+    return int(value.strip())
+
+
+def _positive_float(value: str) -> float:
+    number = float(value.strip())
+    if not number > 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("must be one of 1/0, true/false, yes/no, on/off")
+
+
+def _algorithms(value: str) -> tuple[str, ...]:
+    return tuple(part.strip().upper() for part in value.split(",") if part.strip())
+
+
+ENVIRONMENT: dict[str, tuple[str, Any]] = {
+    "upstream_key": ("PIXAZO_API_KEY", lambda v: Secret(v.strip())),
+    "upstream_url": ("PIXAZO_UPSTREAM_URL", _text),
+    "jwt_secret": ("PROXY_JWT_SECRET", lambda v: Secret(v.strip())),
+    "host": ("PROXY_HOST", _text),
+    "port": ("PROXY_PORT", _int),
+    "public_url": ("PROXY_PUBLIC_URL", _text),
+    "db_path": ("PROXY_DB", _text),
+    "policies_dir": ("PROXY_POLICIES", lambda v: Path(v.strip())),
+    "simulate": ("PROXY_SIMULATE", _bool),
+    "jwt_algorithms": ("PROXY_JWT_ALGORITHMS", _algorithms),
+    "jwt_public_key": ("PROXY_JWT_PUBLIC_KEY", _text),
+    "jwt_jwks_url": ("PROXY_JWT_JWKS_URL", _text),
+    "jwt_issuer": ("PROXY_JWT_ISSUER", _text),
+    "jwt_audience": ("PROXY_JWT_AUDIENCE", _text),
+    "jwt_team_claim": ("PROXY_JWT_TEAM_CLAIM", _text),
+    "max_token_bytes": ("PROXY_MAX_TOKEN_BYTES", _int),
+    "max_body_bytes": ("PROXY_MAX_BODY_BYTES", _int),
+    "upstream_timeout": ("PROXY_UPSTREAM_TIMEOUT", _positive_float),
+    "upstream_connect_timeout": ("PROXY_UPSTREAM_CONNECT_TIMEOUT", _positive_float),
+    "status_refresh_seconds": ("PROXY_POLL_INTERVAL", _positive_float),
+    "log_level": ("PROXY_LOG_LEVEL", lambda v: v.strip().upper()),
+}
+
+
+def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    """Build the config from ``env`` (default: ``os.environ``) and flag ``overrides``.
+
+    Overrides whose value is ``None`` are ignored, so unset flags fall back to
+    the environment and then to the defaults.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for name, (variable, parse) in ENVIRONMENT.items():
+        raw = env.get(variable)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{variable} is malformed: {exc}") from None
+    values.update({name: value for name, value in overrides.items() if value is not None})
+    if isinstance(values.get("upstream_key"), str):
+        values["upstream_key"] = Secret(values["upstream_key"])
+    if isinstance(values.get("jwt_secret"), str):
+        values["jwt_secret"] = Secret(values["jwt_secret"])
+    values.setdefault("upstream_key", Secret(""))
+    config = Config(**values)
+    check_config(config)
+    return config
+
+
+def check_config(config: Config) -> None:
+    """Refuse a config that cannot work, naming the setting at fault."""
+    if not config.upstream_key and not config.simulate:
+        raise ConfigError("PIXAZO_API_KEY is not set: the real Pixazo subscription key (or run with --simulate)")
+    algorithms = set(config.jwt_algorithms)
+    if not algorithms:
+        raise ConfigError("PROXY_JWT_ALGORITHMS is empty")
+    unknown = algorithms - SYMMETRIC_ALGORITHMS - ASYMMETRIC_ALGORITHMS
+    if unknown:
+        raise ConfigError(f"PROXY_JWT_ALGORITHMS has unsupported algorithms: {', '.join(sorted(unknown))}")
+    if algorithms & SYMMETRIC_ALGORITHMS and algorithms & ASYMMETRIC_ALGORITHMS:
+        raise ConfigError("PROXY_JWT_ALGORITHMS mixes HMAC and public-key algorithms (an algorithm-confusion risk)")
+    if algorithms & SYMMETRIC_ALGORITHMS:
+        if not config.jwt_secret:
+            raise ConfigError("PROXY_JWT_SECRET is not set: the secret that signs gateway tokens")
+        if len(config.jwt_secret.reveal()) < MIN_JWT_SECRET_LENGTH:
+            raise ConfigError(f"PROXY_JWT_SECRET is too short: use at least {MIN_JWT_SECRET_LENGTH} characters")
+        if config.upstream_key and config.jwt_secret == config.upstream_key:
+            raise ConfigError("PROXY_JWT_SECRET must not be the upstream key")
+    elif not (config.jwt_public_key or config.jwt_jwks_url):
+        raise ConfigError("PROXY_JWT_PUBLIC_KEY or PROXY_JWT_JWKS_URL is needed for public-key algorithms")
+    if not config.jwt_team_claim:
+        raise ConfigError("PROXY_JWT_TEAM_CLAIM is empty")
+    for name, variable in (("upstream_url", "PIXAZO_UPSTREAM_URL"), ("public_url", "PROXY_PUBLIC_URL")):
+        url = getattr(config, name)
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{variable} must start with http:// or https://")
+    if not 0 <= config.port <= 65535:
+        raise ConfigError("PROXY_PORT must be between 0 and 65535")
+    if config.max_body_bytes < 1024:
+        raise ConfigError("PROXY_MAX_BODY_BYTES must be at least 1024")
+    if config.max_token_bytes < 256:
+        raise ConfigError("PROXY_MAX_TOKEN_BYTES must be at least 256")
+    if config.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ConfigError("PROXY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")

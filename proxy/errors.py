@@ -1,0 +1,133 @@
+"""Errors a client can see, and the one place that turns them into responses.
+
+Every error answered over HTTP uses the upstream's own shape,
+``{"error": "<short title>", "message": "<what went wrong>"}``, so a client
+written against Pixazo needs no new error handling.
+
+Hierarchy::
+
+    ProxyError                 any error answered to a client (status, title, message)
+    ├── BadRequest             400, a request the gateway will not forward
+    │   └── ModelNotFound      400, "Model not found", as the upstream says it
+    ├── Unauthorized           401, no valid gateway token
+    ├── Forbidden              403, a valid token that may not do this
+    ├── NotFound               404, unknown handle, or another team's
+    ├── PayloadTooLarge        413, body over the configured limit
+    ├── UpstreamRefused        the upstream's own 4xx/5xx, passed on with its status
+    ├── UpstreamUnavailable    502, upstream unreachable or answered garbage
+    └── UpstreamTimeout        504, upstream did not answer in time
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+
+class ProxyError(Exception):
+    """An error with a status code and a message fit to show the client."""
+
+    status: int = 500
+    title: str = "Internal Server Error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        title: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if title is not None:
+            self.title = title
+        if status is not None:
+            self.status = status
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.title, "message": self.message}
+
+
+class BadRequest(ProxyError):
+    status = 400
+    title = "Bad Request"
+
+
+class ModelNotFound(BadRequest):
+    title = "Model not found"
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"Model '{model_id}' not found or is disabled")
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    title = "Unauthorized"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    title = "Forbidden"
+
+
+class NotFound(ProxyError):
+    status = 404
+    title = "Not Found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    title = "Payload Too Large"
+
+
+class UpstreamRefused(ProxyError):
+    """The upstream answered an error status; ``status`` is the upstream's."""
+
+
+class UpstreamUnavailable(ProxyError):
+    status = 502
+    title = "Bad Gateway"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    title = "Gateway Timeout"
+
+
+def error_response(error: ProxyError) -> web.Response:
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+_HTTP_TITLES = {
+    404: ("Not Found", "No such route"),
+    405: ("Method Not Allowed", "Method not allowed on this route"),
+    413: ("Payload Too Large", "Request body is larger than the configured limit"),
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every failure to the upstream's error shape; never leak a traceback."""
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        title, message = _HTTP_TITLES.get(exc.status, (exc.reason, exc.reason))
+        error = ProxyError(message, title=title, status=exc.status)
+        if exc.status == 405:
+            error.headers["Allow"] = exc.headers.get("Allow", "")
+        return error_response(error)
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ProxyError("The gateway failed to handle this request"))

@@ -1,0 +1,75 @@
+"""The last two policies: record the intent, then forward to the upstream.
+
+:class:`Record` writes the handle and its job as SUBMITTING *before* the
+upstream is called, so a crash mid-call leaves a trace rather than a paid job
+nobody knows about; it marks the job submitted, or rejected, once the outcome
+is known. :class:`Forward` makes the one upstream call and answers 202 in the
+upstream's shape, with the gateway's handle and polling URL.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from .clock import new_request_id
+from .pipeline import Policy, SubmitContext
+from .store import Store
+from .upstream import Upstream
+from .validate import canonical_json
+
+logger = logging.getLogger(__name__)
+
+STATUS_PATH = "/v2/requests/status/"
+
+
+class Record(Policy):
+    name = "record"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def on_request(self, ctx: SubmitContext) -> None:
+        assert ctx.principal is not None and ctx.params is not None
+        ctx.handle = new_request_id(ctx.model.id)
+        ctx.job_id = await self.store.begin_submission(
+            ctx.handle, ctx.principal.team, ctx.principal.user, ctx.model.id, canonical_json(ctx.params)
+        )
+
+    async def on_response(self, ctx: SubmitContext) -> None:
+        assert ctx.job_id is not None and ctx.upstream is not None
+        await self.store.mark_submitted(ctx.job_id, ctx.upstream["request_id"], _initial_status(ctx.upstream))
+        logger.info(
+            "accepted %s for team %s (upstream %s)", ctx.handle, ctx.principal and ctx.principal.team,
+            ctx.upstream["request_id"],
+        )
+
+    async def on_failure(self, ctx: SubmitContext, error: BaseException) -> None:
+        if ctx.job_id is not None:
+            await self.store.mark_rejected(ctx.job_id, f"{type(error).__name__}: {error}"[:500])
+
+
+class Forward(Policy):
+    name = "forward"
+
+    def __init__(self, upstream: Upstream, public_url: str) -> None:
+        self.upstream = upstream
+        self.public_url = public_url.rstrip("/")
+
+    async def on_request(self, ctx: SubmitContext) -> None:
+        assert ctx.params is not None and ctx.handle is not None
+        ctx.upstream = await self.upstream.submit(ctx.model.path, ctx.params)
+        ctx.response = web.json_response(
+            {
+                "request_id": ctx.handle,
+                "status": _initial_status(ctx.upstream),
+                "polling_url": f"{self.public_url}{STATUS_PATH}{ctx.handle}",
+            },
+            status=202,
+        )
+
+
+def _initial_status(upstream_body: dict) -> str:
+    status = upstream_body.get("status")
+    return status if status in ("QUEUED", "PROCESSING") else "QUEUED"

@@ -1,0 +1,81 @@
+"""Bringing a job's stored status up to date, at most once per interval per upstream job.
+
+However many clients poll one job, the upstream sees at most one status call
+per refresh interval: callers that arrive while a fetch is under way wait for
+that same fetch (single flight), and callers inside the interval get the
+stored state. Terminal jobs are never fetched again. If the upstream cannot
+answer, the stored state is served and the failure is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from .clock import iso_utc
+from .errors import ProxyError
+from .store import TERMINAL_STATUSES, HandleView, JobUpdate, Store
+from .upstream import Upstream
+
+logger = logging.getLogger(__name__)
+
+
+def job_update_from(body: dict[str, Any], checked_at: float) -> JobUpdate:
+    """The store's view of one upstream status answer."""
+    status = body["status"]
+    output = body.get("output")
+    error = body.get("error")
+    updated_at = body.get("updated_at")
+    completed_at = body.get("completed_at")
+    return JobUpdate(
+        status=status,
+        output=output if isinstance(output, dict) else None,
+        error=error if isinstance(error, str) else None,
+        updated_at=updated_at if isinstance(updated_at, str) and updated_at else iso_utc(),
+        completed_at=completed_at if isinstance(completed_at, str) and status in TERMINAL_STATUSES else None,
+        checked_at=checked_at,
+    )
+
+
+class StatusRefresher:
+    def __init__(self, store: Store, upstream: Upstream, interval_seconds: float) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.interval = interval_seconds
+        self._in_flight: dict[int, asyncio.Future[None]] = {}
+        self._last_fetch: dict[int, float] = {}
+
+    def _due(self, view: HandleView) -> bool:
+        if view.terminal or view.upstream_id is None:
+            return False
+        last = max(view.checked_at, self._last_fetch.get(view.job_id, 0.0))
+        return time.time() - last >= self.interval
+
+    async def current(self, view: HandleView) -> HandleView:
+        """``view`` as fresh as the interval allows."""
+        if view.job_id not in self._in_flight and not self._due(view):
+            return view
+        flight = self._in_flight.get(view.job_id)
+        if flight is None:
+            flight = asyncio.ensure_future(self._fetch(view))
+            self._in_flight[view.job_id] = flight
+            flight.add_done_callback(lambda _: self._in_flight.pop(view.job_id, None))
+        await asyncio.shield(flight)
+        return await self.store.get_handle(view.handle) or view
+
+    async def _fetch(self, view: HandleView) -> None:
+        assert view.upstream_id is not None
+        now = time.time()
+        self._last_fetch[view.job_id] = now
+        try:
+            body = await self.upstream.status(view.upstream_id)
+        except ProxyError as exc:
+            logger.warning("status of %s could not be refreshed: %s", view.handle, exc.message)
+            return
+        update = job_update_from(body, now)
+        if await self.store.update_job(view.job_id, update):
+            logger.info("job of %s is %s", view.handle, update.status)
+        if update.status in TERMINAL_STATUSES:
+            self._last_fetch.pop(view.job_id, None)

@@ -1,0 +1,77 @@
+"""HTTP handlers: the upstream's own paths, answered in the upstream's own shapes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from .catalog import ModelSpec
+from .errors import ModelNotFound, NotFound
+from .pipeline import SubmitContext
+from .services import SERVICES, Services
+from .store import HandleView
+
+logger = logging.getLogger(__name__)
+
+MAX_HANDLE_LENGTH = 200
+
+
+def status_body(view: HandleView) -> dict[str, Any]:
+    """The upstream's status shape, with the gateway's handle as ``request_id``."""
+    return {
+        "request_id": view.handle,
+        "status": view.status,
+        "model_id": view.model,
+        "error": view.error,
+        "output": view.output,
+        "created_at": view.created_at,
+        "updated_at": view.updated_at,
+        "completed_at": view.completed_at,
+    }
+
+
+def submit_handler(model: ModelSpec) -> Any:
+    async def submit(request: web.Request) -> web.StreamResponse:
+        services = request.app[SERVICES]
+        return await services.pipeline.run(SubmitContext(request=request, model=model))
+
+    return submit
+
+
+async def unknown_model(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    await services.authenticator.authenticate(request.headers)
+    raise ModelNotFound(request.match_info["model_id"][:MAX_HANDLE_LENGTH])
+
+
+async def request_status(request: web.Request) -> web.StreamResponse:
+    services: Services = request.app[SERVICES]
+    principal = await services.authenticator.authenticate(request.headers)
+    handle = request.match_info["request_id"]
+    view = await services.store.get_handle(handle) if len(handle) <= MAX_HANDLE_LENGTH else None
+    if view is None or (view.team != principal.team and not principal.admin):
+        raise NotFound("Request not found")
+    view = await services.refresher.current(view)
+    return web.json_response(status_body(view))
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    checks = {"store": await services.store.ping(), "policies": bool(services.catalog.models)}
+    ready = all(checks.values())
+    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503)
+
+
+def add_routes(app: web.Application, services: Services) -> None:
+    for model in services.catalog.models.values():
+        app.router.add_post(model.path, submit_handler(model))
+    app.router.add_post("/{model_id}/v1/{tail:.*}", unknown_model)
+    app.router.add_get("/v2/requests/status/{request_id}", request_status)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)

@@ -1,0 +1,169 @@
+"""Request validation against the model catalog, before any money or upstream call.
+
+:func:`read_json_body` checks the envelope (content type, size, JSON object);
+:func:`normalize` checks every field against the catalog and applies defaults.
+The normalized params it returns are what gets priced, fingerprinted and
+forwarded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .errors import BadRequest, PayloadTooLarge
+from .pipeline import Policy, SubmitContext
+
+if TYPE_CHECKING:
+    from .catalog import FieldSpec, ModelSpec
+
+MAX_URL_LENGTH = 2048
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def url_problem(value: Any) -> str | None:
+    """Why ``value`` is not an absolute http(s) URL, or None if it is one."""
+    if not isinstance(value, str) or not value:
+        return "must be a URL string"
+    if len(value) > MAX_URL_LENGTH:
+        return f"is longer than {MAX_URL_LENGTH} characters"
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return "must not contain whitespace or control characters"
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    if not host:
+        return "must name a host"
+    return None
+
+
+def check_value(spec: FieldSpec, value: Any) -> str | None:
+    """Why ``value`` breaks ``spec``'s rules, or None when it is fine."""
+    if spec.kind == "integer":
+        if not _is_int(value):
+            return "must be an integer"
+        if spec.minimum is not None and value < spec.minimum:
+            return f"must be between {spec.minimum} and {spec.maximum}" if spec.maximum is not None else f"must be at least {spec.minimum}"
+        if spec.maximum is not None and value > spec.maximum:
+            return f"must be between {spec.minimum} and {spec.maximum}" if spec.minimum is not None else f"must be at most {spec.maximum}"
+        return None
+    if spec.kind == "enum":
+        if not isinstance(value, str) or value not in spec.values:
+            return "must be one of " + ", ".join(f'"{v}"' for v in spec.values)
+        return None
+    if spec.kind == "string":
+        if not isinstance(value, str):
+            return "must be a string"
+        if not value.strip():
+            return "must not be empty"
+        if spec.max_length is not None and len(value) > spec.max_length:
+            return f"must be at most {spec.max_length} characters"
+        return None
+    if spec.kind == "url":
+        return url_problem(value)
+    if spec.kind == "url_list":
+        if not isinstance(value, list):
+            return "must be an array of URLs"
+        if len(value) < spec.min_items or (spec.max_items is not None and len(value) > spec.max_items):
+            upper = spec.max_items if spec.max_items is not None else "any number of"
+            return f"must hold {spec.min_items} to {upper} URLs (got {len(value)})"
+        for index, item in enumerate(value):
+            problem = url_problem(item)
+            if problem:
+                return f"item {index} {problem}"
+        return None
+    return f"has an unsupported type {spec.kind!r}"
+
+
+def normalize(model: ModelSpec, body: Any) -> dict[str, Any]:
+    """Check ``body`` against ``model``; return it with defaults applied, in catalog order.
+
+    Raises :class:`BadRequest` naming every problem found, not just the first.
+    A JSON ``null`` for an optional field means "not given".
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object")
+    problems: list[str] = []
+    unknown = sorted(name for name in body if name not in model.fields)
+    if unknown:
+        problems.append("unknown field(s): " + ", ".join(f"'{name}'" for name in unknown))
+    params: dict[str, Any] = {}
+    for name, spec in model.fields.items():
+        value = body.get(name)
+        if value is None:
+            if spec.required:
+                problems.append(f"'{name}' is required")
+            elif spec.default is not None:
+                params[name] = spec.default
+            continue
+        problem = check_value(spec, value)
+        if problem:
+            problems.append(f"'{name}' {problem}")
+        else:
+            params[name] = value
+    if problems:
+        raise BadRequest(f"Invalid request for {model.id}: " + "; ".join(problems))
+    return params
+
+
+def canonical_json(params: dict[str, Any]) -> str:
+    """One spelling per meaning: keys sorted, no spaces; what is stored and later fingerprinted."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def check_content_type(request: web.Request) -> None:
+    if request.content_type != "application/json":
+        raise BadRequest(f"Content-Type must be application/json, not '{request.content_type or 'none'}'")
+
+
+def parse_json(raw: bytes) -> Any:
+    """The JSON value in ``raw``; :class:`BadRequest` for an empty or non-JSON body."""
+    if not raw.strip():
+        raise BadRequest("The request body is empty; a JSON object is expected")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("The request body is not valid JSON") from None
+
+
+async def read_json_body(request: web.Request, max_bytes: int) -> Any:
+    """The request's JSON body, refusing a wrong content type, an oversized or non-JSON body."""
+    check_content_type(request)
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(f"The request body is larger than {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"The request body is larger than {max_bytes} bytes")
+        chunks.append(chunk)
+    return parse_json(b"".join(chunks))
+
+
+class Validate(Policy):
+    """Second policy: the body becomes normalized params, or the request is refused with 400/413."""
+
+    name = "validate"
+    unsupported_headers = ("X-Webhook-URL", "X-Webhook-Mode")
+
+    def __init__(self, max_body_bytes: int) -> None:
+        self.max_body_bytes = max_body_bytes
+
+    async def on_request(self, ctx: SubmitContext) -> None:
+        for header in self.unsupported_headers:
+            if header in ctx.request.headers:
+                raise BadRequest(f"{header} is not supported by this gateway yet: poll the polling_url instead")
+        body = await read_json_body(ctx.request, self.max_body_bytes)
+        ctx.params = normalize(ctx.model, body)

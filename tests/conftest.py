@@ -1,0 +1,159 @@
+"""Shared fixtures: a real simulator and a real gateway, each an HTTP server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp.test_utils import TestServer
+
+from proxy.app import build_app
+from proxy.catalog import Catalog, load_catalog
+from proxy.config import Config, load_config
+from proxy.services import SERVICES, Services
+from proxy.simulator import Simulator, SimulatorSettings
+from proxy.store.sqlite import SQLiteStore
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ROOT / "policies"
+JWT_SECRET = "test-jwt-secret-0123456789-abcdefghijklmnop"
+UPSTREAM_KEY = "sim-upstream-key-ZYXW-9876-do-not-leak"
+TEXT_PATH = "/grok-imagine-video-text-to-video/v1/grok-imagine-video-text-to-video-request"
+IMAGE_PATH = "/grok-imagine-video-image-to-video/v1/grok-imagine-video-image-to-video-request"
+EDIT_PATH = "/grok-imagine-video-edit-video/v1/grok-imagine-video-edit-video-request"
+REFERENCE_PATH = "/grok-imagine-video-reference-to-video/v1/grok-imagine-video-reference-to-video-request"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_token(team: str = "design", user: str = "alice", *, secret: str = JWT_SECRET, algorithm: str = "HS256",
+               ttl: int = 600, **claims: Any) -> str:
+    now = int(time.time())
+    payload: dict[str, Any] = {"sub": user, "team": team, "iat": now, "exp": now + ttl}
+    payload.update(claims)
+    payload = {name: value for name, value in payload.items() if value is not None}
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+def auth(token: str | None = None, **kwargs: Any) -> dict[str, str]:
+    """The headers an existing Pixazo client sends, with a gateway token where the key was."""
+    return {
+        "Content-Type": "application/json",
+        "Cache-Control": "no-cache",
+        "Ocp-Apim-Subscription-Key": token or make_token(**kwargs),
+    }
+
+
+@pytest.fixture
+def catalog() -> Catalog:
+    return load_catalog(POLICIES)
+
+
+@pytest.fixture
+async def simulator(catalog: Catalog) -> AsyncIterator[Simulator]:
+    """The Pixazo simulator with fast timing, served on loopback; ``simulator.url`` is its base."""
+    sim = Simulator(
+        catalog,
+        SimulatorSettings(key=UPSTREAM_KEY, queued_seconds=0.05, processing_seconds=0.15, allow_http_webhooks=True),
+    )
+    server = TestServer(sim.build_app(), host="127.0.0.1", port=free_port())
+    await server.start_server()
+    sim.url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
+    yield sim
+    await server.close()
+
+
+class Gateway:
+    """A running gateway: its URL, its services, and an HTTP client session."""
+
+    def __init__(self, server: TestServer, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.http = session
+        self.url = str(server.make_url("")).rstrip("/")
+
+    @property
+    def services(self) -> Services:
+        return self.server.app[SERVICES]
+
+    async def submit(self, path: str = TEXT_PATH, body: Any = None, headers: dict[str, str] | None = None,
+                     **kwargs: Any) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+        body = {"prompt": "a lighthouse at dusk"} if body is None else body
+        async with self.http.post(self.url + path, json=body, headers=headers or auth(), **kwargs) as response:
+            return response.status, await response.json(), response.headers
+
+    async def status(self, handle: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        async with self.http.get(f"{self.url}/v2/requests/status/{handle}", headers=headers or auth()) as response:
+            return response.status, await response.json()
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path, simulator: Simulator) -> AsyncIterator[GatewayFactory]:
+    """Start a gateway in front of the simulator; keyword arguments override config fields.
+
+    ``teams`` (name -> budget micro-dollars) are created before it starts.
+    """
+    started: list[tuple[TestServer, aiohttp.ClientSession]] = []
+
+    async def start(teams: dict[str, int] | None = None, **overrides: Any) -> Gateway:
+        port = overrides.pop("port", None) or free_port()
+        db_path = overrides.pop("db_path", str(tmp_path / "gateway.db"))
+        store = SQLiteStore(db_path)
+        await store.open()
+        for name, limit in (teams if teams is not None else {"design": 50_000_000, "research": 50_000_000}).items():
+            if await store.get_team(name) is None:
+                await store.create_team(name, limit, "month")
+        await store.close()
+        values: dict[str, Any] = {
+            "upstream_url": simulator.url,  # type: ignore[attr-defined]
+            "upstream_key": UPSTREAM_KEY,
+            "jwt_secret": JWT_SECRET,
+            "db_path": db_path,
+            "policies_dir": POLICIES,
+            "port": port,
+            "public_url": f"http://127.0.0.1:{port}",
+            "status_refresh_seconds": 0.01,
+            "upstream_timeout": 5.0,
+        }
+        values.update(overrides)
+        config: Config = load_config({}, **values)
+        server = TestServer(build_app(config), host="127.0.0.1", port=port)
+        await server.start_server()
+        session = aiohttp.ClientSession()
+        started.append((server, session))
+        return Gateway(server, session)
+
+    yield start
+    for server, session in started:
+        await session.close()
+        await server.close()
+
+
+@pytest.fixture
+async def gateway(start_gateway: GatewayFactory) -> Gateway:
+    return await start_gateway()
+
+
+async def wait_for_status(gateway: Gateway, handle: str, wanted: set[str], headers: dict[str, str] | None = None,
+                          timeout: float = 5.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, body = await gateway.status(handle, headers)
+        assert code == 200, body
+        if body["status"] in wanted or time.monotonic() > deadline:
+            return body
+        await asyncio.sleep(0.02)
+
