@@ -77,7 +77,12 @@ def build_app(config: Config) -> web.Application:
         yield
         await upstream.close()
 
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=config.max_body_bytes,
+        # Room for a token up to the configured limit, so an oversized one gets our 401, not the parser's 400.
+        handler_args={"max_field_size": config.max_token_bytes + 1024},
+    )
     app[SERVICES] = services
     app.cleanup_ctx.extend([*contexts, open_store, open_upstream])
     add_routes(app, services)

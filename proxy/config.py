@@ -81,17 +81,22 @@ class Config:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
-# setting name -> (environment variable, parser)
 def _text(value: str) -> str:
     return value.strip()
 
 
 def _int(value: str) -> int:
-    return int(value.strip())
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ValueError("must be an integer") from None
 
 
 def _positive_float(value: str) -> float:
-    number = float(value.strip())
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError("must be a number") from None
     if not number > 0:
         raise ValueError("must be greater than 0")
     return number
@@ -110,6 +115,7 @@ def _algorithms(value: str) -> tuple[str, ...]:
     return tuple(part.strip().upper() for part in value.split(",") if part.strip())
 
 
+#: setting name -> (environment variable, parser)
 ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "upstream_key": ("PIXAZO_API_KEY", lambda v: Secret(v.strip())),
     "upstream_url": ("PIXAZO_UPSTREAM_URL", _text),

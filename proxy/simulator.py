@@ -49,6 +49,7 @@ KEY_HEADER = "Ocp-Apim-Subscription-Key"
 OUTCOMES = ("COMPLETED", "FAILED", "ERROR", "STUCK")
 FAULT_KINDS = ("status", "reset", "malformed", "truncated", "delay")
 TERMINAL = ("COMPLETED", "FAILED", "ERROR")
+DOCUMENTED_ERRORS = {402: ("Insufficient Balance", "Your wallet does not have enough balance.")}
 OUTCOME_ERRORS = {
     "FAILED": "Generation failed: the model could not produce a video for this request",
     "ERROR": "Internal error while processing the request",
@@ -257,7 +258,8 @@ class Simulator:
         if fault.kind == "truncated":
             return web.Response(status=200 if op == "status" else 202, text='{"request_id": "grok-imag', content_type="application/json")
         headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-        return _error(fault.status, _reason(fault.status), "Simulated upstream fault", headers)
+        title, message = DOCUMENTED_ERRORS.get(fault.status, (_reason(fault.status), "Simulated upstream fault"))
+        return _error(fault.status, title, message, headers)
 
     async def _record(self, request: web.Request, op: str) -> bytes:
         """Note the call as it arrived; the raw body, for the handler to judge."""

@@ -89,11 +89,11 @@ class Gateway:
     async def submit(self, path: str = TEXT_PATH, body: Any = None, headers: dict[str, str] | None = None,
                      **kwargs: Any) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
         body = {"prompt": "a lighthouse at dusk"} if body is None else body
-        async with self.http.post(self.url + path, json=body, headers=headers or auth(), **kwargs) as response:
+        async with self.http.post(self.url + path, json=body, headers=auth() if headers is None else headers, **kwargs) as response:
             return response.status, await response.json(), response.headers
 
     async def status(self, handle: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        async with self.http.get(f"{self.url}/v2/requests/status/{handle}", headers=headers or auth()) as response:
+        async with self.http.get(f"{self.url}/v2/requests/status/{handle}", headers=auth() if headers is None else headers) as response:
             return response.status, await response.json()
 
 

@@ -1,0 +1,46 @@
+"""Handles belong to a team: another team's id reads exactly like one that does not exist."""
+
+from __future__ import annotations
+
+from proxy.simulator import Simulator
+from tests.conftest import Gateway, auth, wait_for_status
+
+
+async def test_another_teams_handle_is_404_like_an_unknown_one(gateway: Gateway, simulator: Simulator) -> None:
+    _, submitted, _ = await gateway.submit(headers=auth(team="design"))
+    handle = submitted["request_id"]
+    calls_before = len(simulator.calls_of("status"))
+
+    other_team = await gateway.status(handle, auth(team="research"))
+    unknown = await gateway.status("grok-imagine-video-text-to-video_00000000-0000-7000-8000-000000000000", auth(team="research"))
+    too_long = await gateway.status("x" * 500, auth(team="research"))
+
+    expected = (404, {"error": "Not Found", "message": "Request not found"})
+    assert other_team == expected
+    assert unknown == expected
+    assert too_long == expected
+    assert len(simulator.calls_of("status")) == calls_before
+
+
+async def test_a_colleague_in_the_same_team_and_an_admin_can_read_it(gateway: Gateway) -> None:
+    _, submitted, _ = await gateway.submit(headers=auth(team="design", user="alice"))
+
+    colleague = await wait_for_status(gateway, submitted["request_id"], {"COMPLETED"}, auth(team="design", user="bob"))
+    code, admin_view = await gateway.status(submitted["request_id"], auth(team="research", user="root", role="admin"))
+
+    assert colleague["status"] == "COMPLETED"
+    assert code == 200
+    assert admin_view == colleague
+
+
+async def test_a_handle_the_upstream_refused_is_never_visible(gateway: Gateway, simulator: Simulator) -> None:
+    from proxy.simulator import Fault
+
+    simulator.add_fault(Fault(op="submit", status=500))
+    await gateway.submit()
+    import sqlite3
+
+    with sqlite3.connect(gateway.services.config.db_path) as db:
+        [(handle,)] = db.execute("SELECT id FROM handles").fetchall()
+
+    assert await gateway.status(handle) == (404, {"error": "Not Found", "message": "Request not found"})
