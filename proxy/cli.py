@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--budget", required=True, help="budget limit in USD, e.g. 250 or 12.50")
     create.add_argument("--period", choices=PERIODS, default="month", help="budget period (default month)")
+    create.add_argument("--exist-ok", action="store_true", help="succeed without change if the team exists")
     create.add_argument("--db", help="SQLite database path (PROXY_DB)")
     create.set_defaults(run=_teams_create)
     listing = teams.add_parser("list", help="list teams")
@@ -132,6 +133,9 @@ def _teams_create(args: argparse.Namespace) -> int:
     try:
         team = asyncio.run(_with_store(_store_path(args), lambda s: s.create_team(args.name, limit, args.period)))
     except TeamExists:
+        if args.exist_ok:
+            print(f"team {args.name} already exists; left as it is")
+            return 0
         raise CommandError(f"team '{args.name}' already exists") from None
     print(f"created team {team.name}: budget {micros_to_usd(team.budget_limit_micros)} USD per {team.period}")
     return 0

@@ -123,10 +123,12 @@ def test_serve_without_the_upstream_key_stops_with_one_clear_line(env: dict[str,
 def test_cli_refuses_bad_budgets_and_duplicate_teams(env: dict[str, str]) -> None:
     assert cli("teams", "create", "ops", "--budget", "10", "--period", "week", env=env).returncode == 0
     duplicate = cli("teams", "create", "ops", "--budget", "10", env=env)
+    tolerated = cli("teams", "create", "ops", "--budget", "99", "--exist-ok", env=env)
     negative = cli("teams", "create", "x", "--budget", "-1", env=env)
     table = cli("teams", "list", env=env)
 
     assert (duplicate.returncode, duplicate.stderr) == (2, "pixazo-proxy: error: team 'ops' already exists\n")
+    assert (tolerated.returncode, tolerated.stdout) == (0, "team ops already exists; left as it is\n")
     assert (negative.returncode, negative.stderr) == (2, "pixazo-proxy: error: --budget: '-1' must be a finite amount of at least 0\n")
     assert table.stdout.splitlines()[1].split() == ["ops", "10.00", "week", table.stdout.splitlines()[1].split()[3]]
 
