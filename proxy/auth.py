@@ -29,6 +29,18 @@ logger = logging.getLogger(__name__)
 
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
 
+#: What a client is told for each way a token can fail, most specific first.
+_TOKEN_PROBLEMS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "The token has expired"),
+    (jwt.ImmatureSignatureError, "The token is not valid yet"),
+    (jwt.InvalidAudienceError, "The token's audience is not accepted"),
+    (jwt.InvalidIssuerError, "The token's issuer is not accepted"),
+    (jwt.InvalidAlgorithmError, "The token's algorithm is not allowed"),
+    (jwt.InvalidSignatureError, "The token's signature is invalid"),
+    (jwt.PyJWKClientError, "The token's signing key is not known"),
+    (Exception, "The token is malformed"),
+)
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -112,24 +124,11 @@ class Authenticator:
                     "verify_aud": bool(self.config.jwt_audience),
                 },
             )
-        except jwt.ExpiredSignatureError:
-            raise Unauthorized("The token has expired") from None
-        except jwt.ImmatureSignatureError:
-            raise Unauthorized("The token is not valid yet") from None
-        except jwt.InvalidAudienceError:
-            raise Unauthorized("The token's audience is not accepted") from None
-        except jwt.InvalidIssuerError:
-            raise Unauthorized("The token's issuer is not accepted") from None
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthorized(f"The token lacks the '{exc.claim}' claim") from None
-        except jwt.InvalidAlgorithmError:
-            raise Unauthorized("The token's algorithm is not allowed") from None
-        except jwt.InvalidSignatureError:
-            raise Unauthorized("The token's signature is invalid") from None
-        except jwt.PyJWKClientError:
-            raise Unauthorized("The token's signing key is not known") from None
-        except jwt.InvalidTokenError:
-            raise Unauthorized("The token is malformed") from None
+        except (jwt.InvalidTokenError, jwt.PyJWKClientError) as exc:
+            message = next(text for kind, text in _TOKEN_PROBLEMS if isinstance(exc, kind))
+            raise Unauthorized(message) from None
 
 
 def _read_public_key(value: str) -> str:
