@@ -7,6 +7,8 @@ bad policy file or setting fails start-up instead of a request.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -14,17 +16,26 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from .alerts import Alerts
 from .auth import Authenticate, Authenticator
+from .budget import Budget, load_budget_rules
 from .catalog import Catalog, load_catalog
+from .clock import Clock
 from .config import Config, Secret
 from .errors import error_middleware
 from .forward import Forward, Record
+from .metrics import Metrics
 from .pipeline import Pipeline
+from .pricing import Price, Pricer
+from .probe import MediaProber
+from .ratelimit import RateLimit
 from .refresh import StatusRefresher
 from .routes import add_routes
 from .services import SERVICES, Services
+from .settle import Settler
 from .simulator import Simulator, SimulatorSettings
 from .store.sqlite import SQLiteStore
+from .sweeper import Sweeper
 from .upstream import Upstream
 from .validate import Validate
 
@@ -33,9 +44,14 @@ logger = logging.getLogger(__name__)
 Context = Callable[[web.Application], AsyncIterator[None]]
 
 
-def build_app(config: Config) -> web.Application:
-    """The gateway as an aiohttp application, ready for ``web.run_app`` or a test server."""
+def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
+    """The gateway as an aiohttp application, ready for ``web.run_app`` or a test server.
+
+    ``clock`` is where budget periods read the time (tests pass one they can move).
+    """
     catalog = load_catalog(config.policies_dir)
+    rules = load_budget_rules(config.policies_dir)
+    clock = clock or Clock()
     contexts: list[Context] = []
     if config.simulate:
         config, simulator_context = _in_process_simulator(config, catalog)
@@ -49,14 +65,24 @@ def build_app(config: Config) -> web.Application:
         connect_timeout=config.upstream_connect_timeout,
     )
     authenticator = Authenticator(config, store)
+    prober = MediaProber(max_bytes=rules.probe_max_bytes, timeout=rules.probe_timeout_seconds,
+                         allow_private=config.probe_allow_private)
+    pricer = Pricer(prober)
+    metrics = Metrics()
+    alerts = Alerts(metrics, config.alert_webhook_url)
     pipeline = Pipeline(
         [
             Authenticate(authenticator),
             Validate(config.max_body_bytes),
-            Record(store),
+            Price(pricer),
+            Budget(store, rules, clock),
+            RateLimit(),
+            Record(store, alerts),
             Forward(upstream, config.base_url),
         ]
     )
+    refresher = StatusRefresher(store, upstream, Settler(store, catalog, pricer, rules), config.status_refresh_seconds)
+    sweeper = Sweeper(store, refresher, rules, clock)
     services = Services(
         config=config,
         catalog=catalog,
@@ -64,18 +90,35 @@ def build_app(config: Config) -> web.Application:
         upstream=upstream,
         authenticator=authenticator,
         pipeline=pipeline,
-        refresher=StatusRefresher(store, upstream, config.status_refresh_seconds),
+        refresher=refresher,
+        rules=rules,
+        clock=clock,
+        metrics=metrics,
+        alerts=alerts,
+        sweeper=sweeper,
     )
 
     async def open_store(app: web.Application) -> AsyncIterator[None]:
         await store.open()
+        mismatches = await store.ledger_mismatches()
+        for mismatch in mismatches:
+            logger.error("budget totals differ from the ledger: %s", mismatch)
         yield
         await store.close()
 
-    async def open_upstream(app: web.Application) -> AsyncIterator[None]:
-        await upstream.start()
+    async def open_clients(app: web.Application) -> AsyncIterator[None]:
+        for client in (upstream, prober, alerts):
+            await client.start()
         yield
-        await upstream.close()
+        for client in (alerts, prober, upstream):
+            await client.close()
+
+    async def run_sweeper(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(sweeper.run(), name="sweeper")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     app = web.Application(
         middlewares=[error_middleware],
@@ -84,7 +127,7 @@ def build_app(config: Config) -> web.Application:
         handler_args={"max_field_size": config.max_token_bytes + 1024},
     )
     app[SERVICES] = services
-    app.cleanup_ctx.extend([*contexts, open_store, open_upstream])
+    app.cleanup_ctx.extend([*contexts, open_store, open_clients, run_sweeper])
     add_routes(app, services)
     return app
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from .config import SYMMETRIC_ALGORITHMS, Config, ConfigError
 from .errors import Forbidden, Unauthorized
 from .pipeline import Policy, SubmitContext
-from .store import Store
+from .store import Store, Team
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,10 @@ class Authenticator:
 
     async def authenticate(self, headers: Any) -> Principal:
         """The caller behind ``headers``; :class:`Unauthorized` or :class:`Forbidden` otherwise."""
+        return (await self.identify(headers))[0]
+
+    async def identify(self, headers: Any) -> tuple[Principal, Team]:
+        """The caller behind ``headers`` and their team as the store has it now."""
         claims = await self.verify(self.token_from(headers))
         team_claim = self.config.jwt_team_claim
         user, team = claims.get("sub"), claims.get(team_claim)
@@ -103,9 +107,10 @@ class Authenticator:
             raise Unauthorized("The token's 'sub' claim must be a non-empty string")
         if not isinstance(team, str) or not team.strip():
             raise Unauthorized(f"The token's '{team_claim}' claim must be a non-empty string")
-        if await self.store.get_team(team) is None:
+        team_record = await self.store.get_team(team)
+        if team_record is None:
             raise Forbidden(f"Team '{team}' is not known to this gateway")
-        return Principal(user=user, team=team, admin=claims.get("role") == "admin")
+        return Principal(user=user, team=team, admin=claims.get("role") == "admin"), team_record
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The token's claims once signature, algorithm, expiry, issuer and audience check out."""
@@ -170,4 +175,4 @@ class Authenticate(Policy):
         self.authenticator = authenticator
 
     async def on_request(self, ctx: SubmitContext) -> None:
-        ctx.principal = await self.authenticator.authenticate(ctx.request.headers)
+        ctx.principal, ctx.team = await self.authenticator.identify(ctx.request.headers)

@@ -8,7 +8,7 @@ naming the file and the key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,29 @@ class FieldSpec:
 
 
 @dataclass(frozen=True)
+class Pricing:
+    """How a model's cost is known: seconds x rate[resolution], in micro-dollars."""
+
+    per_second_micros: dict[str, int]
+    seconds_field: str | None = "duration"
+    seconds_from_video: str | None = None
+    max_seconds: int | None = None
+
+    @property
+    def top_resolution(self) -> str:
+        """The resolution with the highest rate: what an unknown resolution reserves."""
+        return max(self.per_second_micros, key=lambda name: (self.per_second_micros[name], name))
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """One upstream model: its submit path, fields, and per-second prices."""
+    """One upstream model: its submit path, fields, and pricing."""
 
     id: str
     title: str
     path: str
     fields: dict[str, FieldSpec]
-    price_per_second_micros: dict[str, int] = field(default_factory=dict)
+    pricing: Pricing
 
 
 @dataclass(frozen=True)
@@ -97,9 +112,9 @@ def _read_model(model_id: str, table: Section) -> ModelSpec:
     if not fields:
         raise fields_table.error("", "a model needs at least one field")
     fields_table.done()
-    prices = _read_prices(table.table("pricing"), fields.get("resolution"))
+    pricing = _read_pricing(table.table("pricing"), fields)
     table.done()
-    return ModelSpec(model_id, title, path, fields, prices)
+    return ModelSpec(model_id, title, path, fields, pricing)
 
 
 def _read_field(name: str, table: Section) -> FieldSpec:
@@ -136,8 +151,23 @@ def _read_field(name: str, table: Section) -> FieldSpec:
     return spec
 
 
-def _read_prices(table: Section, resolution: FieldSpec | None) -> dict[str, int]:
-    rates = table.table("per_second_usd")
+def _read_pricing(table: Section, fields: dict[str, FieldSpec]) -> Pricing:
+    prices = _read_rates(table.table("per_second_usd"), fields.get("resolution"))
+    from_video = table.string("seconds_from_video", None)
+    if from_video is not None:
+        if fields.get(from_video) is None or fields[from_video].kind != "url":
+            raise table.error("seconds_from_video", "must name a url field of this model")
+        max_seconds = table.integer("max_seconds", minimum=1)
+        table.done()
+        return Pricing(prices, seconds_field=None, seconds_from_video=from_video, max_seconds=max_seconds)
+    duration = fields.get("duration")
+    if duration is None or duration.kind != "integer" or duration.default is None and not duration.required:
+        raise table.error("seconds_from_video", "is needed: the model has no integer 'duration' field with a default")
+    table.done()
+    return Pricing(prices)
+
+
+def _read_rates(rates: Section, resolution: FieldSpec | None) -> dict[str, int]:
     prices: dict[str, int] = {}
     for name in rates.names():
         micros = rates.decimal(name) * MICROS_PER_USD
@@ -145,7 +175,6 @@ def _read_prices(table: Section, resolution: FieldSpec | None) -> dict[str, int]
             raise rates.error(name, "is more precise than a micro-dollar")
         prices[name] = int(micros)
     rates.done()
-    table.done()
     if not prices:
         raise rates.error("", "needs a price for at least one resolution")
     if resolution is not None and resolution.kind == "enum":

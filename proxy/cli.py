@@ -170,11 +170,15 @@ def _token_mint(args: argparse.Namespace) -> int:
 
 
 def _policies_check(args: argparse.Namespace) -> int:
+    from .budget import load_budget_rules
     from .catalog import load_catalog
 
     directory = args.dir or Path(os.environ.get("PROXY_POLICIES") or "policies")
     catalog = load_catalog(directory)
-    print(f"{directory}: ok ({len(catalog.models)} models: {', '.join(catalog.models)})")
+    rules = load_budget_rules(directory)
+    wallet = f"global cap ${micros_to_usd(rules.global_limit_micros)} per {rules.global_period}" \
+        if rules.global_limit_micros is not None else "no global cap"
+    print(f"{directory}: ok ({len(catalog.models)} models: {', '.join(catalog.models)}; {wallet})")
     return 0
 
 

@@ -8,6 +8,13 @@ import uuid
 from datetime import UTC, datetime
 
 
+class Clock:
+    """Where the gateway reads the time for budget periods; tests substitute a clock they can move."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
 def iso_utc(moment: datetime | None = None) -> str:
     """``2026-03-31T10:00:00.000Z``: the upstream's timestamp form."""
     moment = moment or datetime.now(UTC)

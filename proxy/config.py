@@ -74,6 +74,8 @@ class Config:
     upstream_connect_timeout: float = 5.0
     status_refresh_seconds: float = 5.0
     log_level: str = "INFO"
+    probe_allow_private: bool = False
+    alert_webhook_url: str = ""
 
     @property
     def base_url(self) -> str:
@@ -138,6 +140,8 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "upstream_connect_timeout": ("PROXY_UPSTREAM_CONNECT_TIMEOUT", _positive_float),
     "status_refresh_seconds": ("PROXY_POLL_INTERVAL", _positive_float),
     "log_level": ("PROXY_LOG_LEVEL", lambda v: v.strip().upper()),
+    "probe_allow_private": ("PROXY_PROBE_ALLOW_PRIVATE", _bool),
+    "alert_webhook_url": ("PROXY_ALERT_WEBHOOK_URL", _text),
 }
 
 
@@ -191,7 +195,8 @@ def check_config(config: Config) -> None:
         raise ConfigError("PROXY_JWT_PUBLIC_KEY or PROXY_JWT_JWKS_URL is needed for public-key algorithms")
     if not config.jwt_team_claim:
         raise ConfigError("PROXY_JWT_TEAM_CLAIM is empty")
-    for name, variable in (("upstream_url", "PIXAZO_UPSTREAM_URL"), ("public_url", "PROXY_PUBLIC_URL")):
+    for name, variable in (("upstream_url", "PIXAZO_UPSTREAM_URL"), ("public_url", "PROXY_PUBLIC_URL"),
+                           ("alert_webhook_url", "PROXY_ALERT_WEBHOOK_URL")):
         url = getattr(config, name)
         if url and not url.startswith(("http://", "https://")):
             raise ConfigError(f"{variable} must start with http:// or https://")

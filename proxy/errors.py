@@ -11,8 +11,10 @@ Hierarchy::
     │   └── ModelNotFound      400, "Model not found", as the upstream says it
     ├── Unauthorized           401, no valid gateway token
     ├── Forbidden              403, a valid token that may not do this
+    ├── BudgetExceeded         402, "Insufficient Balance": a cap would be passed
     ├── NotFound               404, unknown handle, or another team's
     ├── PayloadTooLarge        413, body over the configured limit
+    ├── TooManyRequests        429, a team's rate or concurrency limit (Retry-After set)
     ├── UpstreamRefused        the upstream's own 4xx/5xx, passed on with its status
     ├── UpstreamUnavailable    502, upstream unreachable or answered garbage
     └── UpstreamTimeout        504, upstream did not answer in time
@@ -74,6 +76,16 @@ class Unauthorized(ProxyError):
 class Forbidden(ProxyError):
     status = 403
     title = "Forbidden"
+
+
+class BudgetExceeded(ProxyError):
+    status = 402
+    title = "Insufficient Balance"
+
+
+class TooManyRequests(ProxyError):
+    status = 429
+    title = "Too Many Requests"
 
 
 class NotFound(ProxyError):

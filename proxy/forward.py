@@ -13,6 +13,8 @@ import logging
 
 from aiohttp import web
 
+from .alerts import Alerts
+from .budget import budget_headers
 from .clock import new_request_id
 from .pipeline import Policy, SubmitContext
 from .store import Store
@@ -27,15 +29,21 @@ STATUS_PATH = "/v2/requests/status/"
 class Record(Policy):
     name = "record"
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, alerts: Alerts) -> None:
         self.store = store
+        self.alerts = alerts
 
     async def on_request(self, ctx: SubmitContext) -> None:
         assert ctx.principal is not None and ctx.params is not None
         ctx.handle = new_request_id(ctx.model.id)
-        ctx.job_id = await self.store.begin_submission(
-            ctx.handle, ctx.principal.team, ctx.principal.user, ctx.model.id, canonical_json(ctx.params)
+        receipt = await self.store.begin_submission(
+            ctx.handle, ctx.principal.team, ctx.principal.user, ctx.model.id, canonical_json(ctx.params), ctx.hold
         )
+        ctx.job_id = receipt.job_id
+        if receipt.budget is not None and ctx.estimate is not None:
+            ctx.response_headers.update(budget_headers(ctx.estimate, receipt.budget))
+        if receipt.alert is not None:
+            self.alerts.soft_limit(receipt.alert)
 
     async def on_response(self, ctx: SubmitContext) -> None:
         assert ctx.job_id is not None and ctx.upstream is not None

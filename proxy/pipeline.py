@@ -22,7 +22,10 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from .auth import Principal
+    from .budget import Hold
     from .catalog import ModelSpec
+    from .pricing import Estimate
+    from .store import Team
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,10 @@ class SubmitContext:
     request: web.Request
     model: ModelSpec
     principal: Principal | None = None
+    team: Team | None = None
     params: dict[str, Any] | None = None
+    estimate: Estimate | None = None
+    hold: Hold | None = None
     handle: str | None = None
     job_id: int | None = None
     upstream: dict[str, Any] | None = None

@@ -96,6 +96,21 @@ class Section:
             raise self.error(name, f"must be at least {minimum}")
         return value
 
+    def number(self, name: str, default: Any = _MISSING) -> float:
+        """A positive number of seconds, bytes...: an integer or a float, greater than 0."""
+        value = self._typed(
+            name, default, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "must be a number"
+        )
+        if name in self.data and not value > 0:
+            raise self.error(name, "must be greater than 0")
+        return float(value)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: Any = _MISSING) -> str:
+        value = self.string(name, default)
+        if value not in choices:
+            raise self.error(name, "must be one of " + ", ".join(f'"{c}"' for c in choices))
+        return value
+
     def string_list(self, name: str, default: Any = _MISSING) -> list[str]:
         return self._typed(
             name,

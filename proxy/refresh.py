@@ -16,6 +16,7 @@ from typing import Any
 
 from .clock import iso_utc
 from .errors import ProxyError
+from .settle import Settler
 from .store import TERMINAL_STATUSES, HandleView, JobUpdate, Store
 from .upstream import Upstream
 
@@ -40,11 +41,12 @@ def job_update_from(body: dict[str, Any], checked_at: float) -> JobUpdate:
 
 
 class StatusRefresher:
-    def __init__(self, store: Store, upstream: Upstream, interval_seconds: float) -> None:
+    def __init__(self, store: Store, upstream: Upstream, settler: Settler, interval_seconds: float) -> None:
         self.store = store
         self.upstream = upstream
+        self.settler = settler
         self.interval = interval_seconds
-        self._in_flight: dict[int, asyncio.Future[None]] = {}
+        self._in_flight: dict[int, asyncio.Future[str | None]] = {}
         self._last_fetch: dict[int, float] = {}
 
     def _due(self, view: HandleView) -> bool:
@@ -57,25 +59,30 @@ class StatusRefresher:
         """``view`` as fresh as the interval allows."""
         if view.job_id not in self._in_flight and not self._due(view):
             return view
-        flight = self._in_flight.get(view.job_id)
-        if flight is None:
-            flight = asyncio.ensure_future(self._fetch(view))
-            self._in_flight[view.job_id] = flight
-            flight.add_done_callback(lambda _: self._in_flight.pop(view.job_id, None))
-        await asyncio.shield(flight)
+        assert view.upstream_id is not None
+        await self.refresh(view.job_id, view.upstream_id)
         return await self.store.get_handle(view.handle) or view
 
-    async def _fetch(self, view: HandleView) -> None:
-        assert view.upstream_id is not None
+    async def refresh(self, job_id: int, upstream_id: str) -> str | None:
+        """Fetch the job's status now (joining a fetch under way); the upstream's status, or None if it failed."""
+        flight = self._in_flight.get(job_id)
+        if flight is None:
+            flight = asyncio.ensure_future(self._fetch(job_id, upstream_id))
+            self._in_flight[job_id] = flight
+            flight.add_done_callback(lambda _: self._in_flight.pop(job_id, None))
+        return await asyncio.shield(flight)
+
+    async def _fetch(self, job_id: int, upstream_id: str) -> str | None:
         now = time.time()
-        self._last_fetch[view.job_id] = now
+        self._last_fetch[job_id] = now
         try:
-            body = await self.upstream.status(view.upstream_id)
+            body = await self.upstream.status(upstream_id)
         except ProxyError as exc:
-            logger.warning("status of %s could not be refreshed: %s", view.handle, exc.message)
-            return
+            logger.warning("status of upstream job %s could not be refreshed: %s", upstream_id, exc.message)
+            return None
         update = job_update_from(body, now)
-        if await self.store.update_job(view.job_id, update):
-            logger.info("job of %s is %s", view.handle, update.status)
+        if await self.settler.apply(job_id, update):
+            logger.info("upstream job %s is %s", upstream_id, update.status)
         if update.status in TERMINAL_STATUSES:
-            self._last_fetch.pop(view.job_id, None)
+            self._last_fetch.pop(job_id, None)
+        return update.status

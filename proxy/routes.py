@@ -9,6 +9,7 @@ from aiohttp import web
 
 from .catalog import ModelSpec
 from .errors import ModelNotFound, NotFound
+from .metrics import metrics_handler
 from .pipeline import SubmitContext
 from .services import SERVICES, Services
 from .store import HandleView
@@ -75,3 +76,4 @@ def add_routes(app: web.Application, services: Services) -> None:
     app.router.add_get("/v2/requests/status/{request_id}", request_status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler(services.metrics))

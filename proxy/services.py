@@ -6,12 +6,17 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from .alerts import Alerts
 from .auth import Authenticator
+from .budget import BudgetRules
 from .catalog import Catalog
+from .clock import Clock
 from .config import Config
+from .metrics import Metrics
 from .pipeline import Pipeline
 from .refresh import StatusRefresher
 from .store import Store
+from .sweeper import Sweeper
 from .upstream import Upstream
 
 
@@ -24,6 +29,11 @@ class Services:
     authenticator: Authenticator
     pipeline: Pipeline
     refresher: StatusRefresher
+    rules: BudgetRules
+    clock: Clock
+    metrics: Metrics
+    alerts: Alerts
+    sweeper: Sweeper
 
 
 SERVICES = web.AppKey("services", Services)

@@ -26,13 +26,15 @@ def test_the_shipped_catalog_is_the_upstream_document(tmp_path: Path) -> None:
         "grok-imagine-video-text-to-video", "grok-imagine-video-image-to-video",
         "grok-imagine-video-edit-video", "grok-imagine-video-reference-to-video",
     ]
-    prices = {model.id: model.price_per_second_micros for model in catalog.models.values()}
+    prices = {model.id: model.pricing.per_second_micros for model in catalog.models.values()}
     assert prices == {
         "grok-imagine-video-text-to-video": {"480p": 50_000, "720p": 70_000},
         "grok-imagine-video-image-to-video": {"480p": 50_000, "720p": 70_000},
         "grok-imagine-video-edit-video": {"480p": 60_000, "720p": 80_000},
         "grok-imagine-video-reference-to-video": {"480p": 50_000, "720p": 70_000},
     }
+    edit = catalog.models["grok-imagine-video-edit-video"].pricing
+    assert (edit.seconds_from_video, edit.max_seconds, edit.top_resolution) == ("video_url", 15, "720p")
     reference = catalog.models["grok-imagine-video-reference-to-video"].fields
     assert (reference["duration"].minimum, reference["duration"].maximum, reference["duration"].default) == (3, 15, 8)
     assert (reference["reference_image_urls"].min_items, reference["reference_image_urls"].max_items) == (1, 7)

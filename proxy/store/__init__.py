@@ -1,14 +1,22 @@
 """Persistence: one interface, with SQLite (aiosqlite) as the embedded implementation.
 
-The gateway talks only to :class:`Store`. SQL is kept portable (no SQLite-only
-upserts or types in the schema's meaning) so a PostgreSQL backend can be added
-behind the same interface for several replicas.
+The gateway talks only to :class:`Store`. SQL is kept portable (conditional
+updates rather than locks, ``ON CONFLICT DO NOTHING``, no SQLite-only types)
+so a PostgreSQL backend can be added behind the same interface.
+
+Money invariants the store keeps, because totals and ledger rows change in
+one transaction: for every scope and period, ``spent = sum(spent_delta)``,
+``reserved = sum(reserved_delta)`` and ``credit = sum(credit_delta)`` over the
+ledger; every reservation ends in exactly one settle or release.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..budget import Hold
 
 PERIODS = ("month", "week", "day", "total")
 
@@ -18,6 +26,9 @@ PERIODS = ("month", "week", "day", "total")
 ACTIVE_STATUSES = ("QUEUED", "PROCESSING")
 TERMINAL_STATUSES = ("COMPLETED", "FAILED", "ERROR")
 HIDDEN_STATUSES = ("SUBMITTING", "REJECTED")
+
+TEAM_SETTINGS = ("budget_limit_micros", "period", "soft_threshold_percent", "user_cap_micros",
+                 "max_concurrent_jobs", "max_submits_per_minute")
 
 
 class StoreError(Exception):
@@ -38,6 +49,11 @@ class Team:
     budget_limit_micros: int
     period: str
     created_at: str
+    soft_threshold_percent: int = 80
+    user_cap_micros: int | None = None
+    max_concurrent_jobs: int | None = None
+    max_submits_per_minute: int | None = None
+    updated_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,94 @@ class JobUpdate:
     checked_at: float
 
 
+@dataclass(frozen=True)
+class Decision:
+    """How a reservation ends: settled for ``charge_micros``, or released (``charge_micros`` 0)."""
+
+    kind: str  # "settle" | "release"
+    charge_micros: int
+    seconds: int
+    resolution: str
+    basis: str
+    note: str
+
+    @classmethod
+    def release(cls, note: str, seconds: int = 0, resolution: str = "", basis: str = "released") -> Decision:
+        return cls("release", 0, seconds, resolution, basis, note)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    job_id: int
+    handle: str
+    team: str
+    user: str
+    model: str
+    period_key: str
+    amount_micros: int
+    seconds: int
+    resolution: str
+    basis: str
+    state: str
+    created_at: str
+    params: dict[str, Any]
+    job_status: str
+    upstream_id: str | None
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    team: str
+    period_key: str
+    limit_micros: int
+    credit_micros: int
+    spent_micros: int
+    reserved_micros: int
+
+    @property
+    def remaining_micros(self) -> int:
+        return max(0, self.limit_micros + self.credit_micros - self.spent_micros - self.reserved_micros)
+
+
+@dataclass(frozen=True)
+class SoftAlert:
+    team: str
+    period_key: str
+    threshold_percent: int
+    used_micros: int
+    limit_micros: int
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What recording a submission did to the money."""
+
+    job_id: int
+    budget: BudgetView | None = None
+    alert: SoftAlert | None = None
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    id: int
+    at: str
+    kind: str
+    team: str
+    user: str | None
+    handle: str | None
+    model: str | None
+    seconds: int | None
+    resolution: str | None
+    period_key: str
+    reserved_delta: int
+    spent_delta: int
+    credit_delta: int
+    saved_micros: int
+    basis: str | None
+    actor: str | None
+    note: str | None
+
+
 class Store(Protocol):
     """What the gateway needs from persistence."""
 
@@ -86,24 +190,70 @@ class Store(Protocol):
         """True while the store can answer queries (used by ``/readyz``)."""
         ...
 
-    async def create_team(self, name: str, budget_limit_micros: int, period: str) -> Team: ...
+    # teams
+
+    async def create_team(self, name: str, budget_limit_micros: int, period: str, **settings: Any) -> Team: ...
+
+    async def update_team(self, name: str, **settings: Any) -> Team: ...
 
     async def get_team(self, name: str) -> Team | None: ...
 
     async def list_teams(self) -> list[Team]: ...
 
-    async def begin_submission(self, handle: str, team: str, user: str, model: str, params_json: str) -> int:
-        """Record a handle and its job as SUBMITTING before calling upstream; return the job id."""
+    # jobs and handles
+
+    async def begin_submission(self, handle: str, team: str, user: str, model: str, params_json: str,
+                               hold: Hold | None) -> Receipt:
+        """Record a handle and its job as SUBMITTING and reserve ``hold``, in one transaction.
+
+        Raises :class:`~proxy.errors.BudgetExceeded` or :class:`~proxy.errors.TooManyRequests`
+        (and records nothing) when a cap would be passed.
+        """
         ...
 
     async def mark_submitted(self, job_id: int, upstream_id: str, status: str) -> None: ...
 
-    async def mark_rejected(self, job_id: int, reason: str) -> None: ...
+    async def mark_rejected(self, job_id: int, reason: str) -> None:
+        """The upstream refused the submit (or may not have got it): hide the job, release its money."""
+        ...
 
     async def get_handle(self, handle: str) -> HandleView | None:
         """The handle as a client may see it; None for unknown or hidden (never accepted) ones."""
         ...
 
-    async def update_job(self, job_id: int, update: JobUpdate) -> bool:
-        """Apply an upstream observation unless the job is already terminal; True if applied."""
+    async def update_job(self, job_id: int, update: JobUpdate, decision: Decision | None = None) -> bool:
+        """Apply an upstream observation unless the job is already terminal; True if applied.
+
+        A terminal update ends the job's reservation as ``decision`` says, in the same transaction.
+        """
+        ...
+
+    async def reservation(self, job_id: int) -> Reservation | None: ...
+
+    async def open_reservations(self, created_before: str) -> list[Reservation]: ...
+
+    # money
+
+    async def budget_view(self, team: str, period_key: str) -> BudgetView: ...
+
+    async def check_hold(self, team: str, user: str, hold: Hold) -> str | None:
+        """Why ``hold`` would be refused now, or None; reserves nothing (for dry runs)."""
+        ...
+
+    async def add_entry(self, team: str, kind: str, amount_micros: int, period_key: str, global_period_key: str,
+                        actor: str, note: str) -> LedgerEntry:
+        """An ``adjust`` (signed change of spend) or ``topup`` (extra allowance for the period)."""
+        ...
+
+    async def ledger(self, team: str, period_key: str | None = None, limit: int = 100,
+                     before_id: int | None = None) -> list[LedgerEntry]: ...
+
+    async def spend_report(self, period_keys: dict[str, str]) -> list[dict[str, Any]]:
+        """Per team (name -> period key): limit, credit, spent, reserved, jobs, saved."""
+        ...
+
+    async def handles_of(self, team: str, limit: int = 100, before: str | None = None) -> list[HandleView]: ...
+
+    async def ledger_mismatches(self) -> list[str]:
+        """Every scope and period whose running totals differ from its ledger (empty when sound)."""
         ...

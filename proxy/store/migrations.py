@@ -40,4 +40,64 @@ MIGRATIONS: list[str] = [
     CREATE INDEX handles_team ON handles (team, created_at);
     CREATE INDEX handles_job ON handles (job_id);
     """,
+    # 2: budgets. Running totals per scope and period change in the same
+    # transaction as the append-only ledger, so spent = sum(spent_delta),
+    # reserved = sum(reserved_delta) and credit = sum(credit_delta) always hold.
+    """
+    ALTER TABLE teams ADD COLUMN soft_threshold_percent INTEGER NOT NULL DEFAULT 80;
+    ALTER TABLE teams ADD COLUMN user_cap_micros INTEGER;
+    ALTER TABLE teams ADD COLUMN max_concurrent_jobs INTEGER;
+    ALTER TABLE teams ADD COLUMN max_submits_per_minute INTEGER;
+    ALTER TABLE teams ADD COLUMN updated_at TEXT;
+    CREATE TABLE budget_totals (
+        scope TEXT NOT NULL,
+        period_key TEXT NOT NULL,
+        spent_micros INTEGER NOT NULL DEFAULT 0,
+        reserved_micros INTEGER NOT NULL DEFAULT 0 CHECK (reserved_micros >= 0),
+        credit_micros INTEGER NOT NULL DEFAULT 0,
+        soft_alerted INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, period_key)
+    );
+    CREATE TABLE reservations (
+        job_id INTEGER PRIMARY KEY REFERENCES jobs (id),
+        handle TEXT NOT NULL,
+        team TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        period_key TEXT NOT NULL,
+        global_period_key TEXT NOT NULL,
+        amount_micros INTEGER NOT NULL CHECK (amount_micros >= 0),
+        seconds INTEGER NOT NULL,
+        resolution TEXT NOT NULL,
+        basis TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'settled', 'released')),
+        created_at TEXT NOT NULL,
+        resolved_at TEXT,
+        note TEXT
+    );
+    CREATE INDEX reservations_open ON reservations (team, state);
+    CREATE INDEX reservations_age ON reservations (state, created_at);
+    CREATE TABLE ledger (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('reserve', 'settle', 'release', 'adjust', 'topup', 'saving')),
+        team TEXT NOT NULL,
+        user_id TEXT,
+        handle TEXT,
+        job_id INTEGER,
+        model TEXT,
+        seconds INTEGER,
+        resolution TEXT,
+        period_key TEXT NOT NULL,
+        global_period_key TEXT NOT NULL,
+        reserved_delta INTEGER NOT NULL DEFAULT 0,
+        spent_delta INTEGER NOT NULL DEFAULT 0,
+        credit_delta INTEGER NOT NULL DEFAULT 0,
+        saved_micros INTEGER NOT NULL DEFAULT 0,
+        basis TEXT,
+        actor TEXT,
+        note TEXT
+    );
+    CREATE INDEX ledger_team_period ON ledger (team, period_key, id);
+    """,
 ]

@@ -14,21 +14,34 @@ import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from ..clock import iso_utc
-from . import PERIODS, TERMINAL_STATUSES, HandleView, JobUpdate, Team, TeamExists
+from . import (
+    PERIODS, TEAM_SETTINGS, TERMINAL_STATUSES, BudgetView, Decision, HandleView, JobUpdate, LedgerEntry, Receipt,
+    Reservation, Team, TeamExists, UnknownTeam, accounts,
+)
 from .migrations import MIGRATIONS
+
+if TYPE_CHECKING:
+    from ..budget import Hold
 
 logger = logging.getLogger(__name__)
 
-_HANDLE_QUERY = """
+_HANDLE_SELECT = """
     SELECT h.id, h.team, h.user_id, h.model, h.created_at,
            j.id, j.upstream_id, j.status, j.output, j.error, j.updated_at, j.completed_at, j.checked_at
     FROM handles h JOIN jobs j ON j.id = h.job_id
-    WHERE h.id = ? AND j.status NOT IN ('SUBMITTING', 'REJECTED')
+    WHERE j.status NOT IN ('SUBMITTING', 'REJECTED')
+"""
+_TEAM_COLUMNS = ("name, budget_limit_micros, period, created_at, soft_threshold_percent, user_cap_micros, "
+                 "max_concurrent_jobs, max_submits_per_minute, updated_at")
+_RESERVATION_SELECT = """
+    SELECT r.job_id, r.handle, r.team, r.user_id, r.model, r.period_key, r.amount_micros, r.seconds, r.resolution,
+           r.basis, r.state, r.created_at, j.params, j.status, j.upstream_id
+    FROM reservations r JOIN jobs j ON j.id = r.job_id
 """
 _TERMINAL = "(" + ", ".join(f"'{status}'" for status in TERMINAL_STATUSES) + ")"
 
@@ -88,10 +101,15 @@ class SQLiteStore:
                 raise
             await self._writer.execute("COMMIT")
 
-    async def _read_one(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | tuple[Any, ...] | None:
+    async def _read_one(self, sql: str, params: tuple[Any, ...]) -> Any:
         assert self._reader is not None, "store is not open"
         async with self._reader.execute(sql, params) as cursor:
             return await cursor.fetchone()
+
+    async def _read_all(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        assert self._reader is not None, "store is not open"
+        async with self._reader.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
 
     async def ping(self) -> bool:
         try:
@@ -101,36 +119,50 @@ class SQLiteStore:
 
     # teams
 
-    async def create_team(self, name: str, budget_limit_micros: int, period: str) -> Team:
-        if period not in PERIODS:
-            raise ValueError(f"period must be one of {', '.join(PERIODS)}")
-        team = Team(name, budget_limit_micros, period, iso_utc())
+    async def create_team(self, name: str, budget_limit_micros: int, period: str, **settings: Any) -> Team:
+        _check_settings({"budget_limit_micros": budget_limit_micros, "period": period, **settings})
+        now = iso_utc()
+        values = {"budget_limit_micros": budget_limit_micros, "period": period, **settings}
+        names = ", ".join(values)
         try:
             async with self.transaction() as db:
                 await db.execute(
-                    "INSERT INTO teams (name, budget_limit_micros, period, created_at) VALUES (?, ?, ?, ?)",
-                    (team.name, team.budget_limit_micros, team.period, team.created_at),
+                    f"INSERT INTO teams (name, {names}, created_at, updated_at) VALUES (?, {', '.join('?' for _ in values)}, ?, ?)",
+                    (name, *values.values(), now, now),
                 )
         except sqlite3.IntegrityError:
             raise TeamExists(name) from None
+        team = await self.get_team(name)
+        assert team is not None
+        return team
+
+    async def update_team(self, name: str, **settings: Any) -> Team:
+        _check_settings(settings)
+        if settings:
+            assignments = ", ".join(f"{column} = ?" for column in settings)
+            async with self.transaction() as db:
+                cursor = await db.execute(
+                    f"UPDATE teams SET {assignments}, updated_at = ? WHERE name = ?",
+                    (*settings.values(), iso_utc(), name),
+                )
+                if cursor.rowcount != 1:
+                    raise UnknownTeam(name)
+        team = await self.get_team(name)
+        if team is None:
+            raise UnknownTeam(name)
         return team
 
     async def get_team(self, name: str) -> Team | None:
-        row = await self._read_one(
-            "SELECT name, budget_limit_micros, period, created_at FROM teams WHERE name = ?", (name,)
-        )
+        row = await self._read_one(f"SELECT {_TEAM_COLUMNS} FROM teams WHERE name = ?", (name,))
         return Team(*row) if row else None
 
     async def list_teams(self) -> list[Team]:
-        assert self._reader is not None, "store is not open"
-        async with self._reader.execute(
-            "SELECT name, budget_limit_micros, period, created_at FROM teams ORDER BY name"
-        ) as cursor:
-            return [Team(*row) async for row in cursor]
+        return [Team(*row) for row in await self._read_all(f"SELECT {_TEAM_COLUMNS} FROM teams ORDER BY name", ())]
 
     # handles and jobs
 
-    async def begin_submission(self, handle: str, team: str, user: str, model: str, params_json: str) -> int:
+    async def begin_submission(self, handle: str, team: str, user: str, model: str, params_json: str,
+                               hold: Hold | None) -> Receipt:
         now = iso_utc()
         async with self.transaction() as db:
             cursor = await db.execute(
@@ -138,12 +170,24 @@ class SQLiteStore:
                 (model, params_json, now, now),
             )
             job_id = cursor.lastrowid
+            assert job_id is not None
             await db.execute(
                 "INSERT INTO handles (id, job_id, team, user_id, model, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (handle, job_id, team, user, model, now),
             )
-        assert job_id is not None
-        return job_id
+            if hold is None:
+                return Receipt(job_id)
+            team_row = await self._team_in(db, team)
+            view, alert = await accounts.reserve(db, team=team_row, user=user, hold=hold, job_id=job_id,
+                                                 handle=handle, model=model, now=now)
+        return Receipt(job_id, view, alert)
+
+    async def _team_in(self, db: aiosqlite.Connection, name: str) -> Team:
+        async with db.execute(f"SELECT {_TEAM_COLUMNS} FROM teams WHERE name = ?", (name,)) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            raise UnknownTeam(name)
+        return Team(*row)
 
     async def mark_submitted(self, job_id: int, upstream_id: str, status: str) -> None:
         async with self.transaction() as db:
@@ -153,35 +197,27 @@ class SQLiteStore:
             )
 
     async def mark_rejected(self, job_id: int, reason: str) -> None:
+        now = iso_utc()
         async with self.transaction() as db:
-            await db.execute(
+            cursor = await db.execute(
                 "UPDATE jobs SET status = 'REJECTED', error = ?, updated_at = ? WHERE id = ? AND status = 'SUBMITTING'",
-                (reason, iso_utc(), job_id),
+                (reason, now, job_id),
             )
+            if cursor.rowcount == 1:
+                await accounts.resolve(db, job_id, Decision.release(reason), now)
 
     async def get_handle(self, handle: str) -> HandleView | None:
-        row = await self._read_one(_HANDLE_QUERY, (handle,))
-        if row is None:
-            return None
-        (handle_id, team, user, model, created_at, job_id, upstream_id, status, output, error, updated_at,
-         completed_at, checked_at) = row
-        return HandleView(
-            handle=handle_id,
-            team=team,
-            user=user,
-            model=model,
-            created_at=created_at,
-            job_id=job_id,
-            upstream_id=upstream_id,
-            status=status,
-            output=json.loads(output) if output else None,
-            error=error,
-            updated_at=updated_at,
-            completed_at=completed_at,
-            checked_at=checked_at,
-        )
+        row = await self._read_one(_HANDLE_SELECT + " AND h.id = ?", (handle,))
+        return _handle_view(row) if row else None
 
-    async def update_job(self, job_id: int, update: JobUpdate) -> bool:
+    async def handles_of(self, team: str, limit: int = 100, before: str | None = None) -> list[HandleView]:
+        sql = _HANDLE_SELECT + " AND h.team = ?" + (" AND h.created_at < ?" if before else "")
+        sql += " ORDER BY h.created_at DESC, h.id DESC LIMIT ?"
+        params = (team, before, limit) if before else (team, limit)
+        return [_handle_view(row) for row in await self._read_all(sql, params)]
+
+    async def update_job(self, job_id: int, update: JobUpdate, decision: Decision | None = None) -> bool:
+        now = iso_utc()
         async with self.transaction() as db:
             cursor = await db.execute(
                 f"""UPDATE jobs SET status = ?, output = ?, error = ?, updated_at = ?, completed_at = ?,
@@ -196,7 +232,108 @@ class SQLiteStore:
                     job_id,
                 ),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            if update.status in TERMINAL_STATUSES:
+                await accounts.resolve(db, job_id, decision or Decision.release("ended without a decision"), now)
+            return True
+
+    async def reservation(self, job_id: int) -> Reservation | None:
+        row = await self._read_one(_RESERVATION_SELECT + " WHERE r.job_id = ?", (job_id,))
+        return _reservation(row) if row else None
+
+    async def open_reservations(self, created_before: str) -> list[Reservation]:
+        rows = await self._read_all(
+            _RESERVATION_SELECT + " WHERE r.state = 'open' AND r.created_at < ? ORDER BY r.created_at", (created_before,)
+        )
+        return [_reservation(row) for row in rows]
+
+    # money
+
+    async def budget_view(self, team: str, period_key: str) -> BudgetView:
+        assert self._reader is not None, "store is not open"
+        return await accounts.budget_view(self._reader, await self._team_in(self._reader, team), period_key)
+
+    async def check_hold(self, team: str, user: str, hold: Hold) -> str | None:
+        assert self._reader is not None, "store is not open"
+        return await accounts.refusal_for(self._reader, await self._team_in(self._reader, team), user, hold)
+
+    async def add_entry(self, team: str, kind: str, amount_micros: int, period_key: str, global_period_key: str,
+                        actor: str, note: str) -> LedgerEntry:
+        if kind not in ("adjust", "topup"):
+            raise ValueError("kind must be adjust or topup")
+        async with self.transaction() as db:
+            entry_id = await accounts.add_entry(
+                db, team=await self._team_in(db, team), kind=kind, amount=amount_micros, period_key=period_key,
+                global_period_key=global_period_key, actor=actor, note=note, now=iso_utc(),
+            )
+        row = await self._read_one(f"SELECT {accounts.LEDGER_COLUMNS} FROM ledger WHERE id = ?", (entry_id,))
+        return accounts.ledger_entry(row)
+
+    async def ledger(self, team: str, period_key: str | None = None, limit: int = 100,
+                     before_id: int | None = None) -> list[LedgerEntry]:
+        sql = f"SELECT {accounts.LEDGER_COLUMNS} FROM ledger WHERE team = ?"
+        params: list[Any] = [team]
+        if period_key is not None:
+            sql += " AND period_key = ?"
+            params.append(period_key)
+        if before_id is not None:
+            sql += " AND id < ?"
+            params.append(before_id)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        return [accounts.ledger_entry(row) for row in await self._read_all(sql, tuple(params))]
+
+    async def spend_report(self, period_keys: dict[str, str]) -> list[dict[str, Any]]:
+        report = []
+        for team in await self.list_teams():
+            if team.name not in period_keys:
+                continue
+            key = period_keys[team.name]
+            view = await self.budget_view(team.name, key)
+            jobs, saved = await self._read_one(
+                "SELECT COALESCE(SUM(CASE WHEN kind = 'settle' THEN 1 ELSE 0 END), 0), COALESCE(SUM(saved_micros), 0) "
+                "FROM ledger WHERE team = ? AND period_key = ?",
+                (team.name, key),
+            )
+            report.append({"team": team.name, "period": key, "limit_micros": view.limit_micros,
+                           "credit_micros": view.credit_micros, "spent_micros": view.spent_micros,
+                           "reserved_micros": view.reserved_micros, "remaining_micros": view.remaining_micros,
+                           "charged_jobs": jobs, "saved_micros": saved})
+        return report
+
+    async def ledger_mismatches(self) -> list[str]:
+        assert self._reader is not None, "store is not open"
+        return await accounts.mismatches(self._reader)
+
+
+def _handle_view(row: Any) -> HandleView:
+    (handle, team, user, model, created_at, job_id, upstream_id, status, output, error, updated_at,
+     completed_at, checked_at) = row
+    return HandleView(handle, team, user, model, created_at, job_id, upstream_id, status,
+                      json.loads(output) if output else None, error, updated_at, completed_at, checked_at)
+
+
+def _reservation(row: Any) -> Reservation:
+    *head, params, job_status, upstream_id = row
+    return Reservation(*head, params=json.loads(params), job_status=job_status, upstream_id=upstream_id)
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    """Refuse unknown team settings and impossible values before they reach SQL."""
+    unknown = set(settings) - set(TEAM_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown team settings: {', '.join(sorted(unknown))}")
+    if "period" in settings and settings["period"] not in PERIODS:
+        raise ValueError(f"period must be one of {', '.join(PERIODS)}")
+    if "budget_limit_micros" in settings and settings["budget_limit_micros"] < 0:
+        raise ValueError("the budget limit must be at least 0")
+    percent = settings.get("soft_threshold_percent")
+    if percent is not None and not 1 <= percent <= 100:
+        raise ValueError("the soft threshold must be between 1 and 100 percent")
+    for name in ("user_cap_micros", "max_concurrent_jobs", "max_submits_per_minute"):
+        if settings.get(name) is not None and settings[name] < (0 if name == "user_cap_micros" else 1):
+            raise ValueError(f"{name} must be at least {0 if name == 'user_cap_micros' else 1}")
 
 
 def _statements(script: str) -> list[str]:

@@ -1,0 +1,77 @@
+"""Operator alerts: a team's usage reached its soft threshold.
+
+Each alert is a warning log line, a metric, and (when ``PROXY_ALERT_WEBHOOK_URL``
+is set) a JSON POST to the operator's endpoint, retried a few times in the
+background. The store marks an alert as sent in the same transaction that
+crossed the threshold, so it fires once per team and period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+
+from .metrics import Metrics
+from .money import micros_to_usd
+from .store import SoftAlert
+
+logger = logging.getLogger(__name__)
+
+ATTEMPTS = 3
+
+
+class Alerts:
+    def __init__(self, metrics: Metrics, webhook_url: str, *, timeout: float = 5.0) -> None:
+        self.metrics = metrics
+        self.webhook_url = webhook_url
+        self.timeout = timeout
+        self.sent: list[dict[str, Any]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        if self.webhook_url:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.timeout)
+        for task in self._tasks:
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    def soft_limit(self, alert: SoftAlert) -> None:
+        payload = {
+            "alert": "budget_soft_limit",
+            "team": alert.team,
+            "period": alert.period_key,
+            "threshold_percent": alert.threshold_percent,
+            "used_usd": micros_to_usd(alert.used_micros),
+            "limit_usd": micros_to_usd(alert.limit_micros),
+        }
+        logger.warning("team %s reached %d%% of its budget for %s: $%s of $%s", alert.team, alert.threshold_percent,
+                       alert.period_key, payload["used_usd"], payload["limit_usd"])
+        self.metrics.soft_limit_alerts.labels(team=alert.team).inc()
+        self.sent.append(payload)
+        if self._session is not None:
+            task = asyncio.ensure_future(self._post(payload))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, payload: dict[str, Any]) -> None:
+        assert self._session is not None
+        for attempt in range(ATTEMPTS):
+            try:
+                async with self._session.post(self.webhook_url, json=payload) as response:
+                    if 200 <= response.status < 300:
+                        return
+                    problem = f"HTTP {response.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                problem = type(exc).__name__
+            logger.warning("operator alert webhook attempt %d failed: %s", attempt + 1, problem)
+            await asyncio.sleep(0.5 * 2**attempt)
+        logger.error("operator alert for team %s was not delivered after %d attempts", payload["team"], ATTEMPTS)

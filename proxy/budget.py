@@ -1,0 +1,176 @@
+"""Team budgets: periods, the budget policy file, and the pipeline policy that holds money back.
+
+The :class:`Budget` policy turns a priced request into a :class:`Hold`: how
+much to reserve, in which period, against which caps. The reservation itself
+happens in the store, in the same transaction that records the job, as a
+conditional update (``spent + reserved + estimate <= limit + credit``) on each
+scope's running totals: concurrent submits cannot overspend, and a crash
+cannot leave a reservation without its job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from aiohttp import web
+
+from .clock import Clock
+from .errors import BadRequest, BudgetExceeded
+from .money import MICROS_PER_USD, micros_to_usd
+from .pipeline import Policy, SubmitContext
+from .policyfile import read_toml
+from .pricing import Estimate
+from .store import PERIODS, BudgetView, Store
+
+logger = logging.getLogger(__name__)
+
+BUDGETS_FILE = "budgets.toml"
+MAX_COST_HEADER = "X-Max-Cost-USD"
+DRY_RUN_HEADER = "X-Proxy-Dry-Run"
+
+
+def period_key(period: str, moment: datetime) -> str:
+    """The calendar bucket (UTC) that ``moment`` falls in: ``2026-11``, ``2026-W48``, ``2026-11-24``, ``total``."""
+    if period == "month":
+        return f"{moment.year:04d}-{moment.month:02d}"
+    if period == "week":
+        year, week, _ = moment.isocalendar()
+        return f"{year:04d}-W{week:02d}"
+    if period == "day":
+        return moment.strftime("%Y-%m-%d")
+    if period == "total":
+        return "total"
+    raise ValueError(f"period must be one of {', '.join(PERIODS)}")
+
+
+@dataclass(frozen=True)
+class BudgetRules:
+    """``policies/budgets.toml``, checked at start-up."""
+
+    failed_is_charged: bool = True
+    soft_threshold_percent: int = 80
+    global_limit_micros: int | None = None
+    global_period: str = "month"
+    sweep_interval_seconds: float = 60.0
+    orphan_submit_seconds: float = 300.0
+    stale_job_seconds: float = 21600.0
+    stale_job_charged: bool = False
+    probe_max_bytes: int = 8 * 1024 * 1024
+    probe_timeout_seconds: float = 5.0
+
+
+def load_budget_rules(policies_dir: Path) -> BudgetRules:
+    root = read_toml(policies_dir / BUDGETS_FILE)
+    settlement = root.table("settlement")
+    teams = root.table("teams")
+    wallet = root.table("global")
+    sweeper = root.table("sweeper")
+    probe = root.table("probe")
+    limit = wallet.decimal("limit_usd", None)
+    if limit is not None and limit * MICROS_PER_USD != (limit * MICROS_PER_USD).to_integral_value():
+        raise wallet.error("limit_usd", "is more precise than a micro-dollar")
+    percent = teams.integer("soft_threshold_percent", 80, minimum=1)
+    if percent > 100:
+        raise teams.error("soft_threshold_percent", "must be at most 100")
+    rules = BudgetRules(
+        failed_is_charged=settlement.choice("failed", ("charge", "release"), "charge") == "charge",
+        soft_threshold_percent=percent,
+        global_limit_micros=int(limit * MICROS_PER_USD) if limit is not None else None,
+        global_period=wallet.choice("period", PERIODS, "month"),
+        sweep_interval_seconds=sweeper.number("interval_seconds", 60.0),
+        orphan_submit_seconds=sweeper.number("orphan_submit_seconds", 300.0),
+        stale_job_seconds=sweeper.number("stale_job_seconds", 21600.0),
+        stale_job_charged=sweeper.choice("stale_job_action", ("release", "charge"), "release") == "charge",
+        probe_max_bytes=probe.integer("max_bytes", 8 * 1024 * 1024, minimum=1024),
+        probe_timeout_seconds=probe.number("timeout_seconds", 5.0),
+    )
+    for section in (settlement, teams, wallet, sweeper, probe, root):
+        section.done()
+    return rules
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What the store is asked to reserve for one job, and against which caps."""
+
+    estimate: Estimate
+    period_key: str
+    global_period_key: str
+    global_limit_micros: int | None
+
+
+def parse_cost_cap(value: str) -> int:
+    try:
+        amount = Decimal(value.strip())
+    except InvalidOperation:
+        raise BadRequest(f"{MAX_COST_HEADER} must be an amount in USD, e.g. 0.50") from None
+    if not amount.is_finite() or amount < 0:
+        raise BadRequest(f"{MAX_COST_HEADER} must be an amount of at least 0")
+    return int((amount * MICROS_PER_USD).to_integral_value(rounding="ROUND_FLOOR"))
+
+
+def budget_headers(estimate: Estimate, view: BudgetView) -> dict[str, str]:
+    return {
+        "X-Proxy-Estimate-USD": micros_to_usd(estimate.amount_micros),
+        "X-Proxy-Budget-Period": view.period_key,
+        "X-Proxy-Budget-Remaining-USD": micros_to_usd(view.remaining_micros),
+    }
+
+
+class Budget(Policy):
+    """Checks the per-request cost cap, answers dry runs, and prepares the hold."""
+
+    name = "budget"
+
+    def __init__(self, store: Store, rules: BudgetRules, clock: Clock) -> None:
+        self.store = store
+        self.rules = rules
+        self.clock = clock
+
+    async def on_request(self, ctx: SubmitContext) -> None:
+        assert ctx.estimate is not None and ctx.team is not None and ctx.principal is not None
+        estimate = ctx.estimate
+        cap = ctx.request.headers.get(MAX_COST_HEADER)
+        if cap is not None and estimate.amount_micros > parse_cost_cap(cap):
+            raise BudgetExceeded(
+                f"This request is estimated at ${micros_to_usd(estimate.amount_micros)}, over the "
+                f"{MAX_COST_HEADER} of ${cap.strip()}",
+                title="Cost Cap Exceeded",
+            )
+        now = self.clock.now()
+        ctx.hold = Hold(
+            estimate=estimate,
+            period_key=period_key(ctx.team.period, now),
+            global_period_key=period_key(self.rules.global_period, now),
+            global_limit_micros=self.rules.global_limit_micros,
+        )
+        if ctx.request.headers.get(DRY_RUN_HEADER, "").strip().lower() in ("1", "true", "yes"):
+            ctx.response = await self.quote(ctx)
+
+    async def quote(self, ctx: SubmitContext) -> web.StreamResponse:
+        assert ctx.hold is not None and ctx.principal is not None and ctx.team is not None
+        estimate = ctx.hold.estimate
+        view = await self.store.budget_view(ctx.team.name, ctx.hold.period_key)
+        refusal = await self.store.check_hold(ctx.principal.team, ctx.principal.user, ctx.hold)
+        body = {
+            "dry_run": True,
+            "model_id": ctx.model.id,
+            "estimate_usd": micros_to_usd(estimate.amount_micros),
+            "seconds": estimate.seconds,
+            "resolution": estimate.resolution,
+            "basis": estimate.basis,
+            "team": ctx.team.name,
+            "period": view.period_key,
+            "budget_limit_usd": micros_to_usd(view.limit_micros),
+            "budget_spent_usd": micros_to_usd(view.spent_micros),
+            "budget_reserved_usd": micros_to_usd(view.reserved_micros),
+            "budget_remaining_usd": micros_to_usd(view.remaining_micros),
+            "admitted": refusal is None,
+            "reason": refusal,
+        }
+        return web.json_response(body, headers=budget_headers(estimate, view))
+

@@ -1,0 +1,103 @@
+"""What a job costs: ``seconds x rate[resolution]``, in integer micro-dollars.
+
+Before the job (:meth:`Pricer.estimate`) seconds come from the request's
+``duration``; for a model whose output is as long as its input video, from a
+probe of that video, or the policy's ``max_seconds`` when it cannot be read.
+``resolution: auto`` reserves at the highest rate. After the job
+(:meth:`Pricer.actual`) an estimate that was exact stands; otherwise the
+output is probed, and where that fails the reserved figure is charged, with
+the basis saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .catalog import ModelSpec, Pricing
+from .pipeline import Policy, SubmitContext
+from .probe import MediaInfo, MediaProber
+
+logger = logging.getLogger(__name__)
+
+# Bases, as the ledger records them.
+FROM_PARAMS = "params"
+FROM_INPUT_PROBE = "input-probe"
+FROM_POLICY_MAX = "policy-max"
+FROM_OUTPUT_PROBE = "output-probe"
+FROM_RESERVATION = "reserved-figure"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    amount_micros: int
+    seconds: int
+    resolution: str
+    basis: str
+    exact: bool  # known from the request alone: no need to look at the output to settle
+
+
+def price(pricing: Pricing, seconds: int, resolution: str) -> int:
+    return seconds * pricing.per_second_micros[resolution]
+
+
+def resolution_for(info: MediaInfo, pricing: Pricing) -> str | None:
+    """The priced resolution whose height fits the video's short side (``480p`` for 854x480)."""
+    if info.width is None or info.height is None:
+        return None
+    short_side = min(info.width, info.height)
+    tiers = sorted((int(m.group(1)), name) for name in pricing.per_second_micros if (m := re.fullmatch(r"(\d+)p", name)))
+    for height, name in tiers:
+        if short_side <= height:
+            return name
+    return pricing.top_resolution
+
+
+class Pricer:
+    def __init__(self, prober: MediaProber | None) -> None:
+        self.prober = prober
+
+    async def estimate(self, model: ModelSpec, params: dict[str, Any]) -> Estimate:
+        pricing = model.pricing
+        requested = params.get("resolution")
+        resolution = requested if requested in pricing.per_second_micros else pricing.top_resolution
+        exact = requested == resolution
+        basis = FROM_PARAMS if exact else FROM_POLICY_MAX
+        if pricing.seconds_field is not None:
+            seconds = params[pricing.seconds_field]
+        else:
+            assert pricing.seconds_from_video is not None and pricing.max_seconds is not None
+            info = await self.prober.probe(params[pricing.seconds_from_video]) if self.prober else None
+            exact = False
+            if info is not None:  # the real length, even above max_seconds, which is only the fallback
+                seconds, basis = info.seconds, FROM_INPUT_PROBE if basis == FROM_PARAMS else FROM_POLICY_MAX
+            else:
+                seconds, basis = pricing.max_seconds, FROM_POLICY_MAX
+        return Estimate(price(pricing, seconds, resolution), seconds, resolution, basis, exact)
+
+    async def actual(self, model: ModelSpec, reserved: Estimate, output: dict[str, Any] | None) -> Estimate:
+        """The cost of a COMPLETED job."""
+        if reserved.exact:
+            return reserved
+        urls = (output or {}).get("media_url") or []
+        info = await self.prober.probe(urls[0]) if self.prober and urls and isinstance(urls[0], str) else None
+        if info is None:
+            logger.warning("output of a %s job could not be read; charging the reserved figure", model.id)
+            return Estimate(reserved.amount_micros, reserved.seconds, reserved.resolution, FROM_RESERVATION, False)
+        resolution = resolution_for(info, model.pricing) or reserved.resolution
+        return Estimate(price(model.pricing, info.seconds, resolution), info.seconds, resolution, FROM_OUTPUT_PROBE, True)
+
+
+class Price(Policy):
+    """Puts the job's estimate on the context; the budget policy reserves it."""
+
+    name = "price"
+
+    def __init__(self, pricer: Pricer) -> None:
+        self.pricer = pricer
+
+    async def on_request(self, ctx: SubmitContext) -> None:
+        assert ctx.params is not None
+        ctx.estimate = await self.pricer.estimate(ctx.model, ctx.params)

@@ -1,0 +1,54 @@
+"""Ending a job's reservation: what each terminal status costs.
+
+COMPLETED settles to the actual cost (the estimate when it was exact, else the
+output probed); ERROR is released (the upstream says it is not charged);
+FAILED is charged the reserved figure unless the budget policy says release.
+The decision is applied in the same transaction that records the terminal
+status, and only to a reservation still open, so it happens exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .budget import BudgetRules
+from .catalog import Catalog
+from .pricing import FROM_PARAMS, FROM_RESERVATION, Estimate, Pricer
+from .store import TERMINAL_STATUSES, Decision, JobUpdate, Reservation, Store
+
+logger = logging.getLogger(__name__)
+
+
+class Settler:
+    def __init__(self, store: Store, catalog: Catalog, pricer: Pricer, rules: BudgetRules) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.pricer = pricer
+        self.rules = rules
+
+    async def apply(self, job_id: int, update: JobUpdate) -> bool:
+        """Record ``update``; a terminal one settles or releases the job's money with it."""
+        decision = None
+        if update.status in TERMINAL_STATUSES:
+            reservation = await self.store.reservation(job_id)
+            if reservation is not None and reservation.state == "open":
+                decision = await self.decide(reservation, update)
+        return await self.store.update_job(job_id, update, decision)
+
+    async def decide(self, reservation: Reservation, update: JobUpdate) -> Decision:
+        if update.status == "ERROR":
+            return Decision.release("ERROR: not charged, as the upstream documents", reservation.seconds,
+                                    reservation.resolution)
+        if update.status == "FAILED":
+            if not self.rules.failed_is_charged:
+                return Decision.release("FAILED: released by policy", reservation.seconds, reservation.resolution)
+            return Decision("settle", reservation.amount_micros, reservation.seconds, reservation.resolution,
+                            FROM_RESERVATION, "FAILED: charged by policy")
+        model = self.catalog.models.get(reservation.model)
+        reserved = Estimate(reservation.amount_micros, reservation.seconds, reservation.resolution,
+                            reservation.basis, reservation.basis == FROM_PARAMS)
+        actual = await self.pricer.actual(model, reserved, update.output) if model else reserved
+        if actual.amount_micros > reservation.amount_micros:
+            logger.warning("job of %s cost %d micro-USD, more than the %d reserved", reservation.handle,
+                           actual.amount_micros, reservation.amount_micros)
+        return Decision("settle", actual.amount_micros, actual.seconds, actual.resolution, actual.basis, "COMPLETED")
