@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from .admin import add_admin_routes
 from .alerts import Alerts
 from .auth import Authenticate, Authenticator
 from .budget import Budget, load_budget_rules
@@ -129,6 +130,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     app[SERVICES] = services
     app.cleanup_ctx.extend([*contexts, open_store, open_clients, run_sweeper])
     add_routes(app, services)
+    add_admin_routes(app)
     return app
 
 

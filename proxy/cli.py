@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import logging
 import os
@@ -19,7 +20,8 @@ from typing import Any
 from .config import ConfigError, load_config
 from .money import micros_to_usd, usd_to_micros
 from .policyfile import PolicyError
-from .store import PERIODS, TeamExists
+from .clock import Clock
+from .store import PERIODS, TeamExists, UnknownTeam
 from .store.sqlite import SQLiteStore
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,23 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--exist-ok", action="store_true", help="succeed without change if the team exists")
     create.add_argument("--db", help="SQLite database path (PROXY_DB)")
     create.set_defaults(run=_teams_create)
+    update = teams.add_parser("update", help="change a team's budget or limits (takes effect on the next request)")
+    update.add_argument("name")
+    update.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    show = teams.add_parser("show", help="a team's settings and its current period's spend")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    show.set_defaults(run=_teams_show)
+    for command, required in ((create, False), (update, False)):
+        if command is update:
+            command.add_argument("--budget", help="budget limit in USD")
+            command.add_argument("--period", choices=PERIODS)
+        command.add_argument("--soft-threshold", type=int, help="percent of the budget that raises an alert (1-100)")
+        command.add_argument("--user-cap", help="USD each user of the team may spend per period ('none' to clear)")
+        command.add_argument("--max-concurrent", help="jobs running at once ('none' to clear)")
+        command.add_argument("--max-per-minute", help="submits per minute ('none' to clear)")
+    update.set_defaults(run=_teams_update)
     listing = teams.add_parser("list", help="list teams")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.add_argument("--db", help="SQLite database path (PROXY_DB)")
@@ -74,6 +93,22 @@ def _parser() -> argparse.ArgumentParser:
     mint.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
     mint.add_argument("--admin", action="store_true", help="give the token the admin role")
     mint.set_defaults(run=_token_mint)
+
+    spend = commands.add_parser("spend", help="spend").add_subparsers(dest="action", required=True)
+    report = spend.add_parser("report", help="each team's spend for a period")
+    report.add_argument("--team", help="only this team")
+    report.add_argument("--period", help="period key (2026-11, 2026-W48, 2026-11-24, total); default: each team's current")
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    report.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    report.set_defaults(run=_spend_report)
+
+    ledger = commands.add_parser("ledger", help="a team's ledger, newest first")
+    ledger.add_argument("--team", required=True)
+    ledger.add_argument("--period", help="only this period key")
+    ledger.add_argument("--limit", type=int, default=100)
+    ledger.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    ledger.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    ledger.set_defaults(run=_ledger)
 
     policies = commands.add_parser("policies", help="policy files").add_subparsers(dest="action", required=True)
     check = policies.add_parser("check", help="validate the policy files")
@@ -123,6 +158,46 @@ async def _with_store(path: str, work: Any) -> Any:
         await store.close()
 
 
+def _optional(flag: str, value: str | None, parse: Any) -> Any:
+    """A flag's value parsed, None when not given, ``CLEAR`` for 'none'."""
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return CLEAR
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise CommandError(f"{flag}: {exc}") from None
+
+
+CLEAR = object()
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _limit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The team settings the flags give; 'none' clears an optional limit."""
+    parsed: dict[str, Any] = {
+        "soft_threshold_percent": args.soft_threshold,
+        "user_cap_micros": _optional("--user-cap", args.user_cap, usd_to_micros),
+        "max_concurrent_jobs": _optional("--max-concurrent", args.max_concurrent, _positive_int),
+        "max_submits_per_minute": _optional("--max-per-minute", args.max_per_minute, _positive_int),
+    }
+    if args.action == "update":
+        parsed["budget_limit_micros"] = _optional("--budget", args.budget, usd_to_micros)
+        parsed["period"] = args.period
+        if parsed["budget_limit_micros"] is CLEAR:
+            raise CommandError("--budget cannot be cleared; give an amount")
+    if args.soft_threshold is not None and not 1 <= args.soft_threshold <= 100:
+        raise CommandError("--soft-threshold must be between 1 and 100")
+    return {name: None if value is CLEAR else value for name, value in parsed.items() if value is not None}
+
+
 def _teams_create(args: argparse.Namespace) -> int:
     try:
         limit = usd_to_micros(args.budget)
@@ -130,8 +205,12 @@ def _teams_create(args: argparse.Namespace) -> int:
         raise CommandError(f"--budget: {exc}") from None
     if not args.name.strip() or len(args.name) > 100:
         raise CommandError("a team name must be 1 to 100 characters")
+    settings = _limit_settings(args)
+    if "soft_threshold_percent" not in settings:
+        settings["soft_threshold_percent"] = _rules().soft_threshold_percent
     try:
-        team = asyncio.run(_with_store(_store_path(args), lambda s: s.create_team(args.name, limit, args.period)))
+        team = asyncio.run(_with_store(
+            _store_path(args), lambda s: s.create_team(args.name, limit, args.period, **settings)))
     except TeamExists:
         if args.exist_ok:
             print(f"team {args.name} already exists; left as it is")
@@ -139,6 +218,98 @@ def _teams_create(args: argparse.Namespace) -> int:
         raise CommandError(f"team '{args.name}' already exists") from None
     print(f"created team {team.name}: budget {micros_to_usd(team.budget_limit_micros)} USD per {team.period}")
     return 0
+
+
+def _rules() -> Any:
+    from .budget import load_budget_rules
+
+    return load_budget_rules(Path(os.environ.get("PROXY_POLICIES") or "policies"))
+
+
+def _teams_update(args: argparse.Namespace) -> int:
+    settings = _limit_settings(args)
+    if not settings:
+        raise CommandError("nothing to change: give --budget, --period or a limit flag")
+    try:
+        team = asyncio.run(_with_store(_store_path(args), lambda s: s.update_team(args.name, **settings)))
+    except UnknownTeam:
+        raise CommandError(f"team '{args.name}' does not exist") from None
+    print(f"updated team {team.name}: budget {micros_to_usd(team.budget_limit_micros)} USD per {team.period}")
+    return 0
+
+
+def _teams_show(args: argparse.Namespace) -> int:
+    from .budget import period_key
+
+    async def work(store: SQLiteStore) -> tuple[Any, Any]:
+        team = await store.get_team(args.name)
+        if team is None:
+            raise CommandError(f"team '{args.name}' does not exist")
+        return team, await store.budget_view(team.name, period_key(team.period, Clock().now()))
+
+    team, view = asyncio.run(_with_store(_store_path(args), work))
+    shown = {
+        "name": team.name, "budget_usd": micros_to_usd(team.budget_limit_micros), "period": team.period,
+        "soft_threshold_percent": team.soft_threshold_percent,
+        "user_cap_usd": micros_to_usd(team.user_cap_micros) if team.user_cap_micros is not None else None,
+        "max_concurrent_jobs": team.max_concurrent_jobs, "max_submits_per_minute": team.max_submits_per_minute,
+        "current_period": view.period_key, "spent_usd": micros_to_usd(view.spent_micros),
+        "reserved_usd": micros_to_usd(view.reserved_micros), "credit_usd": micros_to_usd(view.credit_micros),
+        "remaining_usd": micros_to_usd(view.remaining_micros),
+    }
+    if args.json:
+        print(json.dumps(shown, indent=2))
+    else:
+        for name, value in shown.items():
+            print(f"{name:<24} {'-' if value is None else value}")
+    return 0
+
+
+def _spend_report(args: argparse.Namespace) -> int:
+    from .budget import period_key
+
+    async def work(store: SQLiteStore) -> list[dict[str, Any]]:
+        teams = await store.list_teams()
+        if args.team is not None and args.team not in {t.name for t in teams}:
+            raise CommandError(f"team '{args.team}' does not exist")
+        now = Clock().now()
+        keys = {t.name: args.period or period_key(t.period, now) for t in teams if args.team in (None, t.name)}
+        return await store.spend_report(keys)
+
+    rows = [{name.removesuffix("_micros") + ("_usd" if name.endswith("_micros") else ""):
+             micros_to_usd(value) if name.endswith("_micros") else value for name, value in row.items()}
+            for row in asyncio.run(_with_store(_store_path(args), work))]
+    _print_rows(rows, args.format)
+    return 0
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    from .admin import entry_json
+
+    if not 1 <= args.limit <= 100_000:
+        raise CommandError("--limit must be between 1 and 100000")
+    entries = asyncio.run(_with_store(_store_path(args), lambda s: s.ledger(args.team, args.period, args.limit)))
+    _print_rows([entry_json(entry) for entry in entries], args.format)
+    return 0
+
+
+def _print_rows(rows: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("(nothing)" if fmt == "table" else "")
+        return
+    columns = list(rows[0])
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    widths = {c: max(len(c), *(len("" if r[c] is None else str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(("" if row[c] is None else str(row[c])).ljust(widths[c]) for c in columns))
 
 
 def _teams_list(args: argparse.Namespace) -> int:

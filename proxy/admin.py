@@ -1,0 +1,283 @@
+"""The admin HTTP API: teams and budgets, spend, ledger, handles, top-ups and adjustments.
+
+Admin tokens only (``role: "admin"``); any other valid token is 403. Amounts
+are exact: send them as JSON strings (``"12.50"``) or numbers, which are read
+as decimals, never floats. A limit change takes effect on the next request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from .auth import Principal
+from .budget import period_key
+from .errors import BadRequest, Forbidden, NotFound, ProxyError
+from .money import micros_to_usd, usd_to_micros
+from .routes import status_body
+from .services import SERVICES, Services
+from .store import PERIODS, LedgerEntry, Team, TeamExists, UnknownTeam
+from .validate import check_content_type, parse_json
+
+PERIOD_KEY = re.compile(r"^(total|\d{4}-\d{2}|\d{4}-W\d{2}|\d{4}-\d{2}-\d{2})$")
+TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MAX_PAGE = 1000
+
+# request field -> (store setting, parser)
+_MONEY_FIELDS = {"budget_usd": "budget_limit_micros", "user_cap_usd": "user_cap_micros"}
+_COUNT_FIELDS = {"soft_threshold_percent", "max_concurrent_jobs", "max_submits_per_minute"}
+_NULLABLE = {"user_cap_usd", "max_concurrent_jobs", "max_submits_per_minute"}
+
+
+class Conflict(ProxyError):
+    status = 409
+    title = "Conflict"
+
+
+async def _admin(request: web.Request) -> tuple[Services, Principal]:
+    services = request.app[SERVICES]
+    principal = await services.authenticator.authenticate(request.headers)
+    if not principal.admin:
+        raise Forbidden("This route needs an admin token")
+    return services, principal
+
+
+async def _body(request: web.Request, services: Services) -> dict[str, Any]:
+    check_content_type(request)
+    raw = await request.read()  # bounded by the app's client_max_size (413 past it)
+    parse_json(raw)  # the shared checks and messages for empty or broken bodies
+    body = json.loads(raw, parse_float=Decimal)
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object")
+    return body
+
+
+def _amount(name: str, value: Any, *, signed: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        raise BadRequest(f"'{name}' must be an amount in USD, e.g. \"12.50\"")
+    text = str(value).strip()
+    negative = signed and text.startswith("-")
+    try:
+        micros = usd_to_micros(text[1:] if negative else text)
+    except ValueError as exc:
+        raise BadRequest(f"'{name}': {exc}") from None
+    return -micros if negative else micros
+
+
+def _settings(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
+    allowed = set(_MONEY_FIELDS) | _COUNT_FIELDS | {"period"} | ({"name"} if creating else set())
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest("unknown field(s): " + ", ".join(f"'{name}'" for name in unknown))
+    settings: dict[str, Any] = {}
+    for name, value in body.items():
+        if name == "name":
+            continue
+        if value is None:
+            if name not in _NULLABLE:
+                raise BadRequest(f"'{name}' cannot be null")
+            settings[_MONEY_FIELDS.get(name, name)] = None
+        elif name in _MONEY_FIELDS:
+            settings[_MONEY_FIELDS[name]] = _amount(name, value)
+        elif name in _COUNT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadRequest(f"'{name}' must be a whole number of at least 1")
+            settings[name] = value
+        elif name == "period":
+            if value not in PERIODS:
+                raise BadRequest("'period' must be one of " + ", ".join(PERIODS))
+            settings["period"] = value
+    if settings.get("soft_threshold_percent", 1) > 100:
+        raise BadRequest("'soft_threshold_percent' must be at most 100")
+    return settings
+
+
+async def _team(services: Services, name: str) -> Team:
+    team = await services.store.get_team(name)
+    if team is None:
+        raise NotFound(f"Team '{name[:100]}' not found")
+    return team
+
+
+def _period(request: web.Request, team: Team, services: Services) -> str:
+    key = request.query.get("period") or period_key(team.period, services.clock.now())
+    if not PERIOD_KEY.match(key):
+        raise BadRequest("'period' must look like 2026-11, 2026-W48, 2026-11-24 or total")
+    return key
+
+
+def _limit(request: web.Request) -> int:
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise BadRequest("'limit' must be a whole number") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise BadRequest(f"'limit' must be between 1 and {MAX_PAGE}")
+    return limit
+
+
+async def team_json(services: Services, team: Team) -> dict[str, Any]:
+    key = period_key(team.period, services.clock.now())
+    view = await services.store.budget_view(team.name, key)
+    return {
+        "name": team.name,
+        "budget_usd": micros_to_usd(team.budget_limit_micros),
+        "period": team.period,
+        "soft_threshold_percent": team.soft_threshold_percent,
+        "user_cap_usd": micros_to_usd(team.user_cap_micros) if team.user_cap_micros is not None else None,
+        "max_concurrent_jobs": team.max_concurrent_jobs,
+        "max_submits_per_minute": team.max_submits_per_minute,
+        "created_at": team.created_at,
+        "updated_at": team.updated_at,
+        "current": {
+            "period": key,
+            "limit_usd": micros_to_usd(view.limit_micros),
+            "credit_usd": micros_to_usd(view.credit_micros),
+            "spent_usd": micros_to_usd(view.spent_micros),
+            "reserved_usd": micros_to_usd(view.reserved_micros),
+            "remaining_usd": micros_to_usd(view.remaining_micros),
+        },
+    }
+
+
+def entry_json(entry: LedgerEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id, "at": entry.at, "kind": entry.kind, "team": entry.team, "user": entry.user,
+        "handle": entry.handle, "model": entry.model, "seconds": entry.seconds, "resolution": entry.resolution,
+        "period": entry.period_key, "reserved_delta_usd": micros_to_usd(entry.reserved_delta),
+        "spent_delta_usd": micros_to_usd(entry.spent_delta), "credit_delta_usd": micros_to_usd(entry.credit_delta),
+        "saved_usd": micros_to_usd(entry.saved_micros), "basis": entry.basis, "actor": entry.actor, "note": entry.note,
+    }
+
+
+async def list_teams(request: web.Request) -> web.StreamResponse:
+    services, _ = await _admin(request)
+    return web.json_response([await team_json(services, team) for team in await services.store.list_teams()])
+
+
+async def create_team(request: web.Request) -> web.StreamResponse:
+    services, _ = await _admin(request)
+    body = await _body(request, services)
+    name = body.get("name")
+    if not isinstance(name, str) or not TEAM_NAME.match(name):
+        raise BadRequest("'name' must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if "budget_usd" not in body:
+        raise BadRequest("'budget_usd' is required")
+    settings = _settings(body, creating=True)
+    settings.setdefault("soft_threshold_percent", services.rules.soft_threshold_percent)
+    limit = settings.pop("budget_limit_micros")
+    try:
+        team = await services.store.create_team(name, limit, settings.pop("period", "month"), **settings)
+    except TeamExists:
+        raise Conflict(f"Team '{name}' already exists") from None
+    return web.json_response(await team_json(services, team), status=201)
+
+
+async def show_team(request: web.Request) -> web.StreamResponse:
+    services, _ = await _admin(request)
+    return web.json_response(await team_json(services, await _team(services, request.match_info["team"])))
+
+
+async def update_team(request: web.Request) -> web.StreamResponse:
+    services, _ = await _admin(request)
+    name = request.match_info["team"]
+    settings = _settings(await _body(request, services), creating=False)
+    try:
+        team = await services.store.update_team(name, **settings)
+    except UnknownTeam:
+        raise NotFound(f"Team '{name[:100]}' not found") from None
+    return web.json_response(await team_json(services, team))
+
+
+async def team_spend(request: web.Request) -> web.StreamResponse:
+    services, _ = await _admin(request)
+    team = await _team(services, request.match_info["team"])
+    [row] = await services.store.spend_report({team.name: _period(request, team, services)})
+    return web.json_response(report_json(row))
+
+
+async def spend(request: web.Request) -> web.StreamResponse:
+    services, _ = await _admin(request)
+    teams = await services.store.list_teams()
+    keys = {team.name: _period(request, team, services) for team in teams}
+    return web.json_response([report_json(row) for row in await services.store.spend_report(keys)])
+
+
+def report_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {name.removesuffix("_micros") + "_usd" if name.endswith("_micros") else name:
+            micros_to_usd(value) if name.endswith("_micros") else value for name, value in row.items()}
+
+
+async def team_ledger(request: web.Request) -> web.StreamResponse:
+    services, _ = await _admin(request)
+    team = await _team(services, request.match_info["team"])
+    period = request.query.get("period")
+    if period is not None and not PERIOD_KEY.match(period):
+        raise BadRequest("'period' must look like 2026-11, 2026-W48, 2026-11-24 or total")
+    before = request.query.get("before")
+    if before is not None and not before.isdigit():
+        raise BadRequest("'before' must be a ledger entry id")
+    entries = await services.store.ledger(team.name, period, _limit(request), int(before) if before else None)
+    return web.json_response([entry_json(entry) for entry in entries])
+
+
+async def team_requests(request: web.Request) -> web.StreamResponse:
+    services, _ = await _admin(request)
+    team = await _team(services, request.match_info["team"])
+    views = await services.store.handles_of(team.name, _limit(request), request.query.get("before"))
+    return web.json_response([status_body(view) | {"user": view.user} for view in views])
+
+
+async def _money_entry(request: web.Request, kind: str) -> web.StreamResponse:
+    services, principal = await _admin(request)
+    team = await _team(services, request.match_info["team"])
+    body = await _body(request, services)
+    unknown = sorted(set(body) - {"amount_usd", "reason", "period"})
+    if unknown:
+        raise BadRequest("unknown field(s): " + ", ".join(f"'{name}'" for name in unknown))
+    if "amount_usd" not in body:
+        raise BadRequest("'amount_usd' is required")
+    amount = _amount("amount_usd", body["amount_usd"], signed=kind == "adjust")
+    if kind == "topup" and amount <= 0:
+        raise BadRequest("'amount_usd' of a top-up must be more than 0")
+    reason = body.get("reason")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+        raise BadRequest("'reason' is required: say why, in at most 500 characters")
+    now = services.clock.now()
+    key = body.get("period") or period_key(team.period, now)
+    if not isinstance(key, str) or not PERIOD_KEY.match(key):
+        raise BadRequest("'period' must look like 2026-11, 2026-W48, 2026-11-24 or total")
+    entry = await services.store.add_entry(team.name, kind, amount, key, period_key(services.rules.global_period, now),
+                                           principal.user, reason.strip())
+    return web.json_response(entry_json(entry), status=201)
+
+
+async def topup(request: web.Request) -> web.StreamResponse:
+    return await _money_entry(request, "topup")
+
+
+async def adjust(request: web.Request) -> web.StreamResponse:
+    return await _money_entry(request, "adjust")
+
+
+ADMIN_ROUTES = [
+    ("GET", "/admin/teams", list_teams),
+    ("POST", "/admin/teams", create_team),
+    ("GET", "/admin/teams/{team}", show_team),
+    ("PATCH", "/admin/teams/{team}", update_team),
+    ("GET", "/admin/teams/{team}/spend", team_spend),
+    ("GET", "/admin/teams/{team}/ledger", team_ledger),
+    ("GET", "/admin/teams/{team}/requests", team_requests),
+    ("POST", "/admin/teams/{team}/topups", topup),
+    ("POST", "/admin/teams/{team}/adjustments", adjust),
+    ("GET", "/admin/spend", spend),
+]
+
+
+def add_admin_routes(app: web.Application) -> None:
+    for method, path, handler in ADMIN_ROUTES:
+        app.router.add_route(method, path, handler)
