@@ -64,6 +64,7 @@ class SimulatorSettings:
     edit_video_seconds: int = 8
     allow_http_webhooks: bool = False
     webhook_timeout: float = 5.0
+    media_available: bool = True  # False: output links answer 404, as expired ones do
 
 
 @dataclass
@@ -342,7 +343,7 @@ class Simulator:
 
     async def _media(self, request: web.Request) -> web.StreamResponse:
         job = self.jobs.get(request.match_info["request_id"])
-        if job is None or self.status_of(job)[0] != "COMPLETED":
+        if job is None or self.status_of(job)[0] != "COMPLETED" or not self.settings.media_available:
             return _error(404, "Not Found", "No such media")
         seconds, resolution = self.media_shape(job)
         return web.Response(body=build_mp4(seconds, resolution), content_type="video/mp4")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.app import build_app
 from proxy.catalog import Catalog, load_catalog
+from proxy.clock import Clock
 from proxy.config import Config, load_config
 from proxy.services import SERVICES, Services
 from proxy.simulator import Simulator, SimulatorSettings
@@ -29,6 +33,37 @@ TEXT_PATH = "/grok-imagine-video-text-to-video/v1/grok-imagine-video-text-to-vid
 IMAGE_PATH = "/grok-imagine-video-image-to-video/v1/grok-imagine-video-image-to-video-request"
 EDIT_PATH = "/grok-imagine-video-edit-video/v1/grok-imagine-video-edit-video-request"
 REFERENCE_PATH = "/grok-imagine-video-reference-to-video/v1/grok-imagine-video-reference-to-video-request"
+
+
+class ManualClock(Clock):
+    """A clock the test moves by hand (budget periods read it)."""
+
+    def __init__(self, moment: datetime) -> None:
+        self.moment = moment
+
+    def now(self) -> datetime:
+        return self.moment
+
+
+def policies_with(tmp_path: Path, budgets: str = "", models: dict[str, str] | None = None) -> Path:
+    """A copy of policies/ with ``budgets`` appended to budgets.toml's tables and ``models`` replacements made."""
+    directory = tmp_path / f"policies-{len(list(tmp_path.glob('policies-*')))}"
+    shutil.copytree(POLICIES, directory)
+    text = (directory / "budgets.toml").read_text()
+    for line in budgets.strip().splitlines():
+        section, assignment = (part.strip() for part in line.split(":", 1))
+        key = assignment.split("=", 1)[0].strip()
+        head, _, rest = text.partition(f"[{section}]\n")
+        body, bracket, tail = rest.partition("\n[")
+        body = "\n".join(kept for kept in body.split("\n") if not kept.startswith(f"{key} ="))
+        text = f"{head}[{section}]\n{assignment}\n{body}{bracket}{tail}"
+    (directory / "budgets.toml").write_text(text)
+    if models:
+        text = (directory / "models.toml").read_text()
+        for old, new in models.items():
+            text = text.replace(old, new)
+        (directory / "models.toml").write_text(text)
+    return directory
 
 
 def free_port() -> int:
@@ -86,6 +121,18 @@ class Gateway:
     def services(self) -> Services:
         return self.server.app[SERVICES]
 
+    def ledger_rows(self, *columns: str) -> list[tuple[Any, ...]]:
+        """The ledger, oldest first, read straight from the database file."""
+        with sqlite3.connect(self.services.config.db_path) as db:
+            return db.execute(f"SELECT {', '.join(columns)} FROM ledger ORDER BY id").fetchall()
+
+    def totals(self, scope: str = "team:design") -> list[tuple[str, int, int, int]]:
+        """(period, spent, reserved, credit) of one scope, from the database file."""
+        with sqlite3.connect(self.services.config.db_path) as db:
+            return db.execute(
+                "SELECT period_key, spent_micros, reserved_micros, credit_micros FROM budget_totals "
+                "WHERE scope = ? ORDER BY period_key", (scope,)).fetchall()
+
     async def submit(self, path: str = TEXT_PATH, body: Any = None, headers: dict[str, str] | None = None,
                      **kwargs: Any) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
         body = {"prompt": "a lighthouse at dusk"} if body is None else body
@@ -108,14 +155,17 @@ async def start_gateway(tmp_path: Path, simulator: Simulator) -> AsyncIterator[G
     """
     started: list[tuple[TestServer, aiohttp.ClientSession]] = []
 
-    async def start(teams: dict[str, int] | None = None, **overrides: Any) -> Gateway:
+    async def start(teams: dict[str, int | dict[str, Any]] | None = None, clock: Clock | None = None,
+                    **overrides: Any) -> Gateway:
         port = overrides.pop("port", None) or free_port()
         db_path = overrides.pop("db_path", str(tmp_path / "gateway.db"))
         store = SQLiteStore(db_path)
         await store.open()
-        for name, limit in (teams if teams is not None else {"design": 50_000_000, "research": 50_000_000}).items():
+        for name, spec in (teams if teams is not None else {"design": 50_000_000, "research": 50_000_000}).items():
+            settings = {"budget_limit_micros": spec} if isinstance(spec, int) else dict(spec)
             if await store.get_team(name) is None:
-                await store.create_team(name, limit, "month")
+                limit = settings.pop("budget_limit_micros")
+                await store.create_team(name, limit, settings.pop("period", "month"), **settings)
         await store.close()
         values: dict[str, Any] = {
             "upstream_url": simulator.url,  # type: ignore[attr-defined]
@@ -127,10 +177,11 @@ async def start_gateway(tmp_path: Path, simulator: Simulator) -> AsyncIterator[G
             "public_url": f"http://127.0.0.1:{port}",
             "status_refresh_seconds": 0.01,
             "upstream_timeout": 5.0,
+            "probe_allow_private": True,
         }
         values.update(overrides)
         config: Config = load_config({}, **values)
-        server = TestServer(build_app(config), host="127.0.0.1", port=port)
+        server = TestServer(build_app(config, clock=clock), host="127.0.0.1", port=port)
         await server.start_server()
         session = aiohttp.ClientSession()
         started.append((server, session))

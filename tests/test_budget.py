@@ -1,0 +1,210 @@
+"""Reservation and settlement: every cent accounted for, for every way a job can end."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.simulator import Fault, Simulator
+from tests.conftest import EDIT_PATH, TEXT_PATH, Gateway, auth, policies_with, wait_for_status
+
+TERMINAL = {"COMPLETED", "FAILED", "ERROR"}
+LEDGER = ("kind", "reserved_delta", "spent_delta", "seconds", "resolution", "basis")
+
+
+async def finish(gateway: Gateway, handle: str) -> dict:
+    return await wait_for_status(gateway, handle, TERMINAL)
+
+
+async def test_completed_settles_the_exact_price(gateway: Gateway) -> None:
+    code, body, headers = await gateway.submit()
+    assert code == 202
+    assert (headers["X-Proxy-Estimate-USD"], headers["X-Proxy-Budget-Remaining-USD"]) == ("0.42", "49.58")
+    assert headers["X-Proxy-Budget-Period"] == gateway.totals()[0][0]
+
+    assert (await finish(gateway, body["request_id"]))["status"] == "COMPLETED"
+
+    assert gateway.ledger_rows(*LEDGER) == [
+        ("reserve", 420_000, 0, 6, "720p", "params"),
+        ("settle", -420_000, 420_000, 6, "720p", "params"),
+    ]
+    assert [row[1:] for row in gateway.totals()] == [(420_000, 0, 0)]
+    assert await gateway.services.store.ledger_mismatches() == []
+
+
+async def test_error_is_released_and_failed_is_charged_by_default(gateway: Gateway, simulator: Simulator) -> None:
+    simulator.queue_outcomes("ERROR", "FAILED")
+    _, errored, _ = await gateway.submit()
+    _, failed, _ = await gateway.submit()
+
+    assert (await finish(gateway, errored["request_id"]))["status"] == "ERROR"
+    assert (await finish(gateway, failed["request_id"]))["status"] == "FAILED"
+
+    settled = [row for row in gateway.ledger_rows("kind", "reserved_delta", "spent_delta", "note") if row[0] != "reserve"]
+    assert sorted(settled) == [
+        ("release", -420_000, 0, "ERROR: not charged, as the upstream documents"),
+        ("settle", -420_000, 420_000, "FAILED: charged by policy"),
+    ]
+    assert [row[1:] for row in gateway.totals()] == [(420_000, 0, 0)]
+
+
+async def test_failed_can_be_released_by_policy(start_gateway, simulator: Simulator, tmp_path) -> None:
+    gateway = await start_gateway(policies_dir=policies_with(tmp_path, 'settlement: failed = "release"'))
+    simulator.queue_outcomes("FAILED")
+    _, body, _ = await gateway.submit()
+
+    assert (await finish(gateway, body["request_id"]))["status"] == "FAILED"
+    assert [row[1:] for row in gateway.totals()] == [(0, 0, 0)]
+    assert gateway.ledger_rows("kind", "note")[-1] == ("release", "FAILED: released by policy")
+
+
+@pytest.mark.parametrize("fault", [Fault(op="submit", status=500), Fault(op="submit", status=429),
+                                   Fault(op="submit", kind="reset"), Fault(op="submit", kind="malformed")])
+async def test_a_refused_submit_releases_at_once(gateway: Gateway, simulator: Simulator, fault: Fault) -> None:
+    simulator.add_fault(fault)
+
+    code, _, _ = await gateway.submit()
+
+    assert code in (429, 500, 502)
+    assert [row[:3] for row in gateway.ledger_rows(*LEDGER)] == [("reserve", 420_000, 0), ("release", -420_000, 0)]
+    assert [row[1:] for row in gateway.totals()] == [(0, 0, 0)]
+
+
+async def test_a_timed_out_submit_releases_at_once(start_gateway, simulator: Simulator) -> None:
+    gateway = await start_gateway(upstream_timeout=0.3)
+    simulator.add_fault(Fault(op="submit", kind="delay", delay=1.0))
+
+    assert (await gateway.submit())[0] == 504
+    assert [row[1:] for row in gateway.totals()] == [(0, 0, 0)]
+
+
+async def test_edit_video_settles_on_the_output_it_actually_got(start_gateway, simulator: Simulator) -> None:
+    gateway = await start_gateway()
+    simulator.settings.edit_video_seconds = 5
+    _, body, headers = await gateway.submit(EDIT_PATH, {"prompt": "p", "video_url": "https://v.example.com/in.mp4"})
+    assert headers["X-Proxy-Estimate-USD"] == "1.20"  # unreachable input: 15 s at the 720p rate
+
+    assert (await finish(gateway, body["request_id"]))["status"] == "COMPLETED"
+
+    assert gateway.ledger_rows(*LEDGER) == [
+        ("reserve", 1_200_000, 0, 15, "720p", "policy-max"),
+        ("settle", -1_200_000, 400_000, 5, "720p", "output-probe"),
+    ]
+
+
+async def test_an_unreadable_output_charges_the_reserved_figure_and_says_so(start_gateway, simulator: Simulator) -> None:
+    gateway = await start_gateway()
+    simulator.settings.media_available = False
+    _, body, _ = await gateway.submit(EDIT_PATH, {"prompt": "p", "video_url": "https://v.example.com/in.mp4",
+                                                  "resolution": "480p"})
+
+    await finish(gateway, body["request_id"])
+
+    assert gateway.ledger_rows(*LEDGER)[-1] == ("settle", -900_000, 900_000, 15, "480p", "reserved-figure")
+
+
+async def test_402_when_the_team_budget_would_be_passed(start_gateway, simulator: Simulator) -> None:
+    gateway = await start_gateway(teams={"design": 1_000_000})
+    assert (await gateway.submit())[0] == 202
+    assert (await gateway.submit())[0] == 202
+
+    code, body, _ = await gateway.submit()
+
+    period = gateway.totals()[0][0]
+    assert (code, body) == (402, {
+        "error": "Insufficient Balance",
+        "message": f"Team 'design' has $0.16 left of its $1.00 month budget ({period}); this request is estimated at $0.42",
+    })
+    assert len(simulator.calls_of("submit")) == 2
+    assert [row[1:] for row in gateway.totals()] == [(0, 840_000, 0)]
+
+
+async def test_the_per_request_cost_cap(gateway: Gateway, simulator: Simulator) -> None:
+    over = await gateway.submit(headers=auth() | {"X-Max-Cost-USD": "0.41"})
+    exact = await gateway.submit(headers=auth() | {"X-Max-Cost-USD": "0.42"})
+    malformed = await gateway.submit(headers=auth() | {"X-Max-Cost-USD": "lots"})
+
+    assert over[:2] == (402, {"error": "Cost Cap Exceeded",
+                              "message": "This request is estimated at $0.42, over the X-Max-Cost-USD of $0.41"})
+    assert exact[0] == 202
+    assert malformed[:2] == (400, {"error": "Bad Request", "message": "X-Max-Cost-USD must be an amount in USD, e.g. 0.50"})
+    assert len(simulator.calls_of("submit")) == 1
+    assert [row[0] for row in gateway.ledger_rows("kind")] == ["reserve"]
+
+
+async def test_a_per_user_cap_within_the_team(start_gateway, simulator: Simulator) -> None:
+    gateway = await start_gateway(teams={"design": {"budget_limit_micros": 10_000_000, "user_cap_micros": 840_000}})
+    alice = auth(user="alice")
+
+    assert (await gateway.submit(headers=alice))[0] == 202
+    assert (await gateway.submit(headers=alice))[0] == 202
+    code, body, _ = await gateway.submit(headers=alice)
+    other = await gateway.submit(headers=auth(user="bob"))
+
+    period = gateway.totals()[0][0]
+    assert (code, body["message"]) == (402, f"User 'alice' of team 'design' has $0.00 left of the $0.84 per-user cap "
+                                            f"({period}); this request is estimated at $0.42")
+    assert other[0] == 202
+    assert len(simulator.calls_of("submit")) == 3
+
+
+async def test_a_global_cap_over_all_teams(start_gateway, simulator: Simulator, tmp_path) -> None:
+    gateway = await start_gateway(policies_dir=policies_with(tmp_path, 'global: limit_usd = "0.84"'))
+
+    assert (await gateway.submit(headers=auth(team="design")))[0] == 202
+    assert (await gateway.submit(headers=auth(team="research")))[0] == 202
+    code, body, _ = await gateway.submit(headers=auth(team="design"))
+
+    assert code == 402
+    assert body["message"].startswith("The gateway's global budget has $0.00 left of $0.84 (")
+    assert len(simulator.calls_of("submit")) == 2
+
+
+async def test_concurrent_jobs_limit(start_gateway, simulator: Simulator) -> None:
+    gateway = await start_gateway(teams={"design": {"budget_limit_micros": 10_000_000, "max_concurrent_jobs": 2}})
+    simulator.queue_outcomes("STUCK", "STUCK")
+    _, first, _ = await gateway.submit()
+    assert (await gateway.submit())[0] == 202
+
+    code, body, headers = await gateway.submit()
+    assert (code, body["message"], headers["Retry-After"]) == (
+        429, "Team 'design' has 2 jobs running, its limit of concurrent jobs", "5")
+
+    simulator.finish(next(iter(simulator.jobs)), "COMPLETED")
+    await finish(gateway, first["request_id"])
+    assert (await gateway.submit())[0] == 202
+    assert len(simulator.calls_of("submit")) == 3
+
+
+async def test_submits_per_minute_limit(start_gateway, simulator: Simulator) -> None:
+    gateway = await start_gateway(teams={"design": {"budget_limit_micros": 10_000_000, "max_submits_per_minute": 3},
+                                         "research": 10_000_000})
+    for _ in range(3):
+        assert (await gateway.submit())[0] == 202
+    dry = await gateway.submit(headers=auth() | {"X-Proxy-Dry-Run": "1"})
+
+    code, body, headers = await gateway.submit()
+
+    assert dry[0] == 200
+    assert code == 429
+    assert body["message"].startswith("Team 'design' may submit 3 requests per minute; retry in ")
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert (await gateway.submit(headers=auth(team="research")))[0] == 202
+    assert len(simulator.calls_of("submit")) == 4
+
+
+async def test_a_limit_change_takes_effect_on_the_next_request(gateway: Gateway) -> None:
+    await gateway.services.store.update_team("design", budget_limit_micros=100_000)
+    assert (await gateway.submit())[0] == 402
+    await gateway.services.store.update_team("design", budget_limit_micros=420_000)
+    assert (await gateway.submit())[0] == 202
+
+
+async def test_money_is_never_float(gateway: Gateway) -> None:
+    tasks = [gateway.submit(TEXT_PATH, {"prompt": f"p{i}", "duration": 3 + i % 8}) for i in range(30)]
+    await asyncio.gather(*tasks)
+    ledger = gateway.ledger_rows("reserved_delta", "spent_delta")
+
+    assert all(isinstance(value, int) for row in ledger for value in row)
+    assert sum(row[0] for row in ledger) == sum(70_000 * (3 + i % 8) for i in range(30))
