@@ -69,13 +69,12 @@ class Sweeper:
         return resolved
 
     async def _resolve_stale(self, reservation: Reservation) -> None:
-        age_hours = self.rules.stale_job_seconds / 3600
+        age = f"not terminal after {self.rules.stale_job_seconds:g} s"
         if self.rules.stale_job_charged:
             decision = Decision("settle", reservation.amount_micros, reservation.seconds, reservation.resolution,
-                                "reserved-figure", f"not terminal after {age_hours:g} h: charged by policy")
+                                "reserved-figure", f"{age}: charged by policy")
         else:
-            decision = Decision.release(f"not terminal after {age_hours:g} h: released by policy",
-                                        reservation.seconds, reservation.resolution)
+            decision = Decision.release(f"{age}: released by policy", reservation.seconds, reservation.resolution)
         stamp = iso_utc()
         update = JobUpdate("ERROR", None, STALE_ERROR, stamp, stamp, time.time())
         if await self.store.update_job(reservation.job_id, update, decision):
