@@ -1,0 +1,52 @@
+"""A gateway in a process of its own, so a test can kill it with SIGKILL and start it again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import JWT_SECRET, ROOT, UPSTREAM_KEY, free_port
+
+
+class GatewayProcess:
+    def __init__(self, db: Path, upstream: str, policies: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith(("PROXY_", "PIXAZO_"))}
+        self.env.update({"PIXAZO_API_KEY": UPSTREAM_KEY, "PROXY_JWT_SECRET": JWT_SECRET, "PROXY_DB": str(db),
+                         "PIXAZO_UPSTREAM_URL": upstream, "PROXY_POLICIES": str(policies), "PROXY_PORT": str(self.port),
+                         "PROXY_POLL_INTERVAL": "0.05", **env})
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        self.process = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve"], env=self.env, cwd=ROOT,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"gateway exited: {self.process.stderr.read().decode() if self.process.stderr else ''}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("gateway did not become ready")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no flush, as a crash."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> str:
+        """SIGTERM and wait; its stderr."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        _, stderr = self.process.communicate(timeout=15)
+        return stderr.decode()
