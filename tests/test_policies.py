@@ -108,3 +108,25 @@ def test_policies_check_command(tmp_path: Path) -> None:
     assert good.stdout.startswith(f"{POLICIES}: ok (4 models: grok-imagine-video-text-to-video,")
     assert bad.returncode == 2
     assert bad.stderr == f'pixazo-proxy: error: {directory / "models.toml"}: {BROKEN[2][3]}\n'
+
+
+@pytest.mark.parametrize(("old", "new", "where"), [
+    ("interval_seconds = 60", "intervall_seconds = 60", "sweeper.intervall_seconds: unknown key"),
+    ('failed = "charge"', 'failed = "maybe"', 'settlement.failed: must be one of "charge", "release"'),
+    ('# limit_usd = "5000"', "limit_usd = 5000.5", 'global.limit_usd: must be a decimal written as a string, e.g. "0.05"'),
+    ("soft_threshold_percent = 80", "soft_threshold_percent = 180", "teams.soft_threshold_percent: must be at most 100"),
+    ("timeout_seconds = 5", "timeout_seconds = 0", "probe.timeout_seconds: must be greater than 0"),
+])
+def test_budget_policy_mistakes_name_file_and_key(tmp_path: Path, old: str, new: str, where: str) -> None:
+    from proxy.budget import load_budget_rules
+
+    directory = tmp_path / "policies"
+    shutil.copytree(POLICIES, directory)
+    text = (directory / "budgets.toml").read_text()
+    assert old in text
+    (directory / "budgets.toml").write_text(text.replace(old, new, 1))
+
+    with pytest.raises(PolicyError) as caught:
+        load_budget_rules(directory)
+
+    assert str(caught.value) == f"{directory / 'budgets.toml'}: {where}"
