@@ -276,10 +276,9 @@ def _spend_report(args: argparse.Namespace) -> int:
         keys = {t.name: args.period or period_key(t.period, now) for t in teams if args.team in (None, t.name)}
         return await store.spend_report(keys)
 
-    rows = [{name.removesuffix("_micros") + ("_usd" if name.endswith("_micros") else ""):
-             micros_to_usd(value) if name.endswith("_micros") else value for name, value in row.items()}
-            for row in asyncio.run(_with_store(_store_path(args), work))]
-    _print_rows(rows, args.format)
+    from .admin import report_json
+
+    _print_rows([report_json(row) for row in asyncio.run(_with_store(_store_path(args), work))], args.format)
     return 0
 
 

@@ -66,6 +66,16 @@ def policies_with(tmp_path: Path, budgets: str = "", models: dict[str, str] | No
     return directory
 
 
+async def ledger_mismatches(db: str | Path) -> list[str]:
+    """The store's own check that every running total equals its ledger, on a database file."""
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        return await store.ledger_mismatches()
+    finally:
+        await store.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,17 +14,18 @@ from tests.conftest import JWT_SECRET, ROOT, UPSTREAM_KEY, free_port
 
 
 class GatewayProcess:
-    def __init__(self, db: Path, upstream: str, policies: Path, **env: str) -> None:
+    def __init__(self, db: Path, upstream: str, policies: Path, *serve_args: str, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {key: value for key, value in os.environ.items() if not key.startswith(("PROXY_", "PIXAZO_"))}
         self.env.update({"PIXAZO_API_KEY": UPSTREAM_KEY, "PROXY_JWT_SECRET": JWT_SECRET, "PROXY_DB": str(db),
                          "PIXAZO_UPSTREAM_URL": upstream, "PROXY_POLICIES": str(policies), "PROXY_PORT": str(self.port),
                          "PROXY_POLL_INTERVAL": "0.05", **env})
+        self.serve_args = serve_args
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> GatewayProcess:
-        self.process = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve"], env=self.env, cwd=ROOT,
+        self.process = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", *self.serve_args], env=self.env, cwd=ROOT,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -24,7 +24,7 @@ from proxy.catalog import load_catalog
 from proxy.config import load_config
 from proxy.simulator import Fault, Simulator, SimulatorSettings
 from proxy.store.sqlite import SQLiteStore
-from tests.conftest import JWT_SECRET, POLICIES, TEXT_PATH, UPSTREAM_KEY, auth, free_port
+from tests.conftest import JWT_SECRET, POLICIES, TEXT_PATH, UPSTREAM_KEY, auth, free_port, ledger_mismatches
 
 RATE = {"480p": 50_000, "720p": 70_000}
 LIMITS = {"a": 1_000_000, "b": 500_000}
@@ -106,12 +106,7 @@ async def poll_all(http: aiohttp.ClientSession, gateway: TestServer, handles: li
 
 
 async def check_invariants(db: Path) -> None:
-    store = SQLiteStore(db)
-    await store.open()
-    try:
-        assert await store.ledger_mismatches() == []
-    finally:
-        await store.close()
+    assert await ledger_mismatches(db) == []
     with sqlite3.connect(db) as connection:
         for team, spent, reserved, credit in connection.execute(
             "SELECT substr(scope, 6), spent_micros, reserved_micros, credit_micros FROM budget_totals WHERE scope LIKE 'team:%'"

@@ -14,7 +14,7 @@ import requests
 from proxy.simulator import Fault, Simulator
 from proxy.store.sqlite import SQLiteStore
 from proxy.sweeper import ORPHAN_NOTE, STALE_ERROR
-from tests.conftest import TEXT_PATH, Gateway, auth, free_port, policies_with, wait_for_status
+from tests.conftest import TEXT_PATH, auth, free_port, ledger_mismatches, policies_with
 from tests.processes import GatewayProcess
 
 FAST_SWEEP = """
@@ -104,12 +104,7 @@ async def _restart_and_expect_release(db: Path, upstream: str, policies: Path) -
         ("reserve", 420_000, 0, None), ("release", -420_000, 0, ORPHAN_NOTE)]
     assert rows(db, "SELECT status FROM jobs") == [("REJECTED",)]
     assert rows(db, "SELECT spent_micros, reserved_micros FROM budget_totals WHERE scope = 'team:design'") == [(0, 0)]
-    store = SQLiteStore(db)
-    await store.open()
-    try:
-        assert await store.ledger_mismatches() == []
-    finally:
-        await store.close()
+    assert await ledger_mismatches(db) == []
 
 
 async def test_crash_between_reserve_and_forward(tmp_path: Path, blackhole: str) -> None:
