@@ -37,6 +37,7 @@ from .settle import Settler
 from .simulator import Simulator, SimulatorSettings
 from .store.sqlite import SQLiteStore
 from .sweeper import Sweeper
+from .tracker import Tracker
 from .upstream import Upstream
 from .validate import Validate
 
@@ -84,6 +85,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     )
     refresher = StatusRefresher(store, upstream, Settler(store, catalog, pricer, rules), config.status_refresh_seconds)
     sweeper = Sweeper(store, refresher, rules, clock)
+    tracker = Tracker(store, refresher, config.status_refresh_seconds, config.tracker_concurrency)
     services = Services(
         config=config,
         catalog=catalog,
@@ -97,6 +99,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         metrics=metrics,
         alerts=alerts,
         sweeper=sweeper,
+        tracker=tracker,
     )
 
     async def open_store(app: web.Application) -> AsyncIterator[None]:
@@ -114,12 +117,14 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         for client in (alerts, prober, upstream):
             await client.close()
 
-    async def run_sweeper(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(sweeper.run(), name="sweeper")
+    async def run_background(app: web.Application) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(sweeper.run(), name="sweeper"), asyncio.create_task(tracker.run(), name="tracker")]
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     app = web.Application(
         middlewares=[error_middleware],
@@ -128,7 +133,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         handler_args={"max_field_size": config.max_token_bytes + 1024},
     )
     app[SERVICES] = services
-    app.cleanup_ctx.extend([*contexts, open_store, open_clients, run_sweeper])
+    app.cleanup_ctx.extend([*contexts, open_store, open_clients, run_background])
     add_routes(app, services)
     add_admin_routes(app)
     return app

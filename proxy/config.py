@@ -75,6 +75,7 @@ class Config:
     status_refresh_seconds: float = 5.0
     log_level: str = "INFO"
     probe_allow_private: bool = False
+    tracker_concurrency: int = 8
     alert_webhook_url: str = ""
 
     @property
@@ -141,6 +142,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "status_refresh_seconds": ("PROXY_POLL_INTERVAL", _positive_float),
     "log_level": ("PROXY_LOG_LEVEL", lambda v: v.strip().upper()),
     "probe_allow_private": ("PROXY_PROBE_ALLOW_PRIVATE", _bool),
+    "tracker_concurrency": ("PROXY_TRACKER_CONCURRENCY", _int),
     "alert_webhook_url": ("PROXY_ALERT_WEBHOOK_URL", _text),
 }
 
@@ -204,6 +206,8 @@ def check_config(config: Config) -> None:
         raise ConfigError("PROXY_PORT must be between 0 and 65535")
     if config.max_body_bytes < 1024:
         raise ConfigError("PROXY_MAX_BODY_BYTES must be at least 1024")
+    if config.tracker_concurrency < 1:
+        raise ConfigError("PROXY_TRACKER_CONCURRENCY must be at least 1")
     if config.max_token_bytes < 256:
         raise ConfigError("PROXY_MAX_TOKEN_BYTES must be at least 256")
     if config.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:

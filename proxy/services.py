@@ -17,6 +17,7 @@ from .pipeline import Pipeline
 from .refresh import StatusRefresher
 from .store import Store
 from .sweeper import Sweeper
+from .tracker import Tracker
 from .upstream import Upstream
 
 
@@ -34,6 +35,7 @@ class Services:
     metrics: Metrics
     alerts: Alerts
     sweeper: Sweeper
+    tracker: Tracker
 
 
 SERVICES = web.AppKey("services", Services)

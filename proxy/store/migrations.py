@@ -100,4 +100,43 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ledger_team_period ON ledger (team, period_key, id);
     """,
+    # 3: dedup, idempotency keys, webhooks. A job remembers its request's
+    # fingerprint and when the gateway saw it end; a handle its webhook and how
+    # it was answered; the outbox holds webhook deliveries written in the same
+    # transaction as the status change they report.
+    """
+    ALTER TABLE jobs ADD COLUMN fingerprint TEXT;
+    ALTER TABLE jobs ADD COLUMN finished_at TEXT;
+    CREATE INDEX jobs_fingerprint ON jobs (fingerprint, id);
+    ALTER TABLE handles ADD COLUMN cache TEXT NOT NULL DEFAULT 'MISS';
+    ALTER TABLE handles ADD COLUMN webhook_url TEXT;
+    ALTER TABLE handles ADD COLUMN webhook_mode TEXT;
+    ALTER TABLE teams ADD COLUMN webhook_secret TEXT;
+    CREATE TABLE idempotency_keys (
+        team TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        handle TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        PRIMARY KEY (team, user_id, idempotency_key)
+    );
+    CREATE INDEX idempotency_expiry ON idempotency_keys (expires_at);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id TEXT NOT NULL UNIQUE,
+        handle TEXT NOT NULL,
+        team TEXT NOT NULL,
+        url TEXT NOT NULL,
+        status TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        last_error TEXT,
+        created_at TEXT NOT NULL,
+        finished_at TEXT
+    );
+    CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
+    """,
 ]

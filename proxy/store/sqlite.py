@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -192,8 +193,9 @@ class SQLiteStore:
     async def mark_submitted(self, job_id: int, upstream_id: str, status: str) -> None:
         async with self.transaction() as db:
             await db.execute(
-                "UPDATE jobs SET upstream_id = ?, status = ?, updated_at = ? WHERE id = ? AND status = 'SUBMITTING'",
-                (upstream_id, status, iso_utc(), job_id),
+                "UPDATE jobs SET upstream_id = ?, status = ?, updated_at = ?, checked_at = ? "
+                "WHERE id = ? AND status = 'SUBMITTING'",
+                (upstream_id, status, iso_utc(), time.time(), job_id),
             )
 
     async def mark_rejected(self, job_id: int, reason: str) -> None:
@@ -221,7 +223,7 @@ class SQLiteStore:
         async with self.transaction() as db:
             cursor = await db.execute(
                 f"""UPDATE jobs SET status = ?, output = ?, error = ?, updated_at = ?, completed_at = ?,
-                    checked_at = ? WHERE id = ? AND status NOT IN {_TERMINAL}""",
+                    checked_at = ?, finished_at = ? WHERE id = ? AND status NOT IN {_TERMINAL}""",
                 (
                     update.status,
                     json.dumps(update.output, separators=(",", ":")) if update.output is not None else None,
@@ -229,6 +231,7 @@ class SQLiteStore:
                     update.updated_at,
                     update.completed_at,
                     update.checked_at,
+                    now if update.status in TERMINAL_STATUSES else None,
                     job_id,
                 ),
             )
@@ -237,6 +240,14 @@ class SQLiteStore:
             if update.status in TERMINAL_STATUSES:
                 await accounts.resolve(db, job_id, decision or Decision.release("ended without a decision"), now)
             return True
+
+    async def active_jobs(self, limit: int = 10_000) -> list[tuple[int, str, float]]:
+        rows = await self._read_all(
+            "SELECT id, upstream_id, checked_at FROM jobs WHERE status IN ('QUEUED', 'PROCESSING') "
+            "AND upstream_id IS NOT NULL ORDER BY checked_at LIMIT ?",
+            (limit,),
+        )
+        return [tuple(row) for row in rows]
 
     async def reservation(self, job_id: int) -> Reservation | None:
         row = await self._read_one(_RESERVATION_SELECT + " WHERE r.job_id = ?", (job_id,))

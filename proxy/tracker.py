@@ -1,0 +1,64 @@
+"""The job tracker: follows every job still running upstream to its end, whether or not anyone polls.
+
+Each round it reads the running jobs from the store (so after a restart it
+resumes every job that was in flight), asks upstream about each one not
+checked within the poll interval, at most ``concurrency`` at a time, and
+applies what it hears through the same single-flight refresher client polls
+use: a job is asked about at most once per interval, however it is reached.
+Rounds are spaced by the interval with jitter; when upstream calls fail
+(429, 5xx, timeouts), the spacing backs off exponentially up to
+``MAX_BACKOFF_SECONDS`` and returns to normal on the first clean round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from .refresh import StatusRefresher
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 60.0
+JITTER = 0.2
+
+
+class Tracker:
+    def __init__(self, store: Store, refresher: StatusRefresher, interval_seconds: float, concurrency: int = 8) -> None:
+        self.store = store
+        self.refresher = refresher
+        self.interval = interval_seconds
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.backoff = 0.0
+        self.lag_seconds = 0.0  # how overdue the most overdue job was at the last round
+
+    async def run(self) -> None:
+        while True:
+            try:
+                failures = await self.round()
+            except Exception:
+                logger.exception("tracker round failed")
+                failures = 1
+            self.backoff = min(MAX_BACKOFF_SECONDS, max(self.interval, self.backoff * 2)) if failures else 0.0
+            pause = self.interval * random.uniform(1 - JITTER, 1 + JITTER) + self.backoff
+            await asyncio.sleep(pause)
+
+    async def round(self) -> int:
+        """Ask upstream about every job due; the number of calls that failed."""
+        now = time.time()
+        jobs = await self.store.active_jobs()
+        due = [(job_id, upstream_id) for job_id, upstream_id, checked_at in jobs if now - checked_at >= self.interval]
+        self.lag_seconds = max([0.0] + [now - checked_at - self.interval for _, _, checked_at in jobs])
+
+        async def follow(job_id: int, upstream_id: str) -> bool:
+            async with self.semaphore:
+                return await self.refresher.refresh(job_id, upstream_id) is not None
+
+        results = await asyncio.gather(*(follow(job_id, upstream_id) for job_id, upstream_id in due))
+        failures = results.count(False)
+        if failures:
+            logger.warning("tracker: %d of %d status calls failed; backing off", failures, len(due))
+        return failures
