@@ -20,6 +20,7 @@ from .admin import add_admin_routes
 from .alerts import Alerts
 from .auth import Authenticate, Authenticator
 from .budget import Budget, load_budget_rules
+from .cache import Dedup, load_cache_rules
 from .catalog import Catalog, load_catalog
 from .clock import Clock
 from .config import Config, Secret
@@ -53,6 +54,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     """
     catalog = load_catalog(config.policies_dir)
     rules = load_budget_rules(config.policies_dir)
+    cache_rules = load_cache_rules(config.policies_dir)
     clock = clock or Clock()
     contexts: list[Context] = []
     if config.simulate:
@@ -76,6 +78,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         [
             Authenticate(authenticator),
             Validate(config.max_body_bytes),
+            Dedup(store, cache_rules, clock, metrics, config.base_url, rules.global_period),
             Price(pricer),
             Budget(store, rules, clock),
             RateLimit(),

@@ -17,7 +17,7 @@ from .alerts import Alerts
 from .budget import budget_headers
 from .clock import new_request_id
 from .pipeline import Policy, SubmitContext
-from .store import Store
+from .store import Store, Submission
 from .upstream import Upstream
 from .validate import canonical_json
 
@@ -35,10 +35,8 @@ class Record(Policy):
 
     async def on_request(self, ctx: SubmitContext) -> None:
         assert ctx.principal is not None and ctx.params is not None
-        ctx.handle = new_request_id(ctx.model.id)
-        receipt = await self.store.begin_submission(
-            ctx.handle, ctx.principal.team, ctx.principal.user, ctx.model.id, canonical_json(ctx.params), ctx.hold
-        )
+        ctx.handle = ctx.handle or new_request_id(ctx.model.id)
+        receipt = await self.store.begin_submission(submission_for(ctx, cache=ctx.cache), ctx.hold)
         ctx.job_id = receipt.job_id
         if receipt.budget is not None and ctx.estimate is not None:
             ctx.response_headers.update(budget_headers(ctx.estimate, receipt.budget))
@@ -76,6 +74,23 @@ class Forward(Policy):
             },
             status=202,
         )
+
+
+def submission_for(ctx: SubmitContext, cache: str) -> Submission:
+    """The store's record of a new handle for ``ctx``'s request."""
+    assert ctx.principal is not None and ctx.params is not None and ctx.handle is not None
+    return Submission(
+        handle=ctx.handle,
+        team=ctx.principal.team,
+        user=ctx.principal.user,
+        model=ctx.model.id,
+        params_json=canonical_json(ctx.params),
+        fingerprint=ctx.fingerprint,
+        cache=cache,
+        webhook_url=ctx.webhook_url,
+        webhook_mode=ctx.webhook_mode,
+        idempotency=ctx.idempotency,
+    )
 
 
 def _initial_status(upstream_body: dict) -> str:

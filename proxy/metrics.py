@@ -22,6 +22,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.cache_events = Counter(
+            "pixazo_proxy_cache_events_total",
+            "Submits by how the dedup cache answered them (hit, miss, coalesced, bypass).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.cache_saved = Counter(
+            "pixazo_proxy_cache_saved_usd_total",
+            "Dollars not spent because a request was answered from an existing job (the ledger has the exact figure).",
+            ["team"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

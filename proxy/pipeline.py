@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .budget import Hold
     from .catalog import ModelSpec
     from .pricing import Estimate
-    from .store import Team
+    from .store import IdempotencyRecord, Team
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ class SubmitContext:
     params: dict[str, Any] | None = None
     estimate: Estimate | None = None
     hold: Hold | None = None
+    fingerprint: str | None = None
+    cache: str = "MISS"
+    webhook_url: str | None = None
+    webhook_mode: str | None = None
+    idempotency: IdempotencyRecord | None = None
     handle: str | None = None
     job_id: int | None = None
     upstream: dict[str, Any] | None = None

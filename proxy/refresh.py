@@ -40,6 +40,10 @@ def job_update_from(body: dict[str, Any], checked_at: float) -> JobUpdate:
     )
 
 
+#: What :meth:`StatusRefresher.refresh` answers for a job fetched within the interval.
+SKIPPED = "SKIPPED"
+
+
 class StatusRefresher:
     def __init__(self, store: Store, upstream: Upstream, settler: Settler, interval_seconds: float) -> None:
         self.store = store
@@ -64,8 +68,13 @@ class StatusRefresher:
         return await self.store.get_handle(view.handle) or view
 
     async def refresh(self, job_id: int, upstream_id: str) -> str | None:
-        """Fetch the job's status now (joining a fetch under way); the upstream's status, or None if it failed."""
+        """The job's status from upstream (joining a fetch under way); None if the call failed.
+
+        A job fetched less than an interval ago is not fetched again: :data:`SKIPPED`.
+        """
         flight = self._in_flight.get(job_id)
+        if flight is None and time.time() - self._last_fetch.get(job_id, 0.0) < self.interval:
+            return SKIPPED
         if flight is None:
             flight = asyncio.ensure_future(self._fetch(job_id, upstream_id))
             self._in_flight[job_id] = flight

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 import socket
 import sqlite3
@@ -45,24 +46,21 @@ class ManualClock(Clock):
         return self.moment
 
 
-def policies_with(tmp_path: Path, budgets: str = "", models: dict[str, str] | None = None) -> Path:
-    """A copy of policies/ with ``budgets`` appended to budgets.toml's tables and ``models`` replacements made."""
+def policies_with(tmp_path: Path, budgets: str = "", cache: str = "") -> Path:
+    """A copy of policies/ with settings changed: lines of ``section: key = value`` per file."""
     directory = tmp_path / f"policies-{len(list(tmp_path.glob('policies-*')))}"
     shutil.copytree(POLICIES, directory)
-    text = (directory / "budgets.toml").read_text()
-    for line in budgets.strip().splitlines():
-        section, assignment = (part.strip() for part in line.split(":", 1))
-        key = assignment.split("=", 1)[0].strip()
-        head, _, rest = text.partition(f"[{section}]\n")
-        body, bracket, tail = rest.partition("\n[")
-        body = "\n".join(kept for kept in body.split("\n") if not kept.startswith(f"{key} ="))
-        text = f"{head}[{section}]\n{assignment}\n{body}{bracket}{tail}"
-    (directory / "budgets.toml").write_text(text)
-    if models:
-        text = (directory / "models.toml").read_text()
-        for old, new in models.items():
-            text = text.replace(old, new)
-        (directory / "models.toml").write_text(text)
+    for name, changes in (("budgets.toml", budgets), ("cache.toml", cache)):
+        text = (directory / name).read_text()
+        for line in changes.strip().splitlines():
+            section, assignment = (part.strip() for part in line.split(":", 1))
+            key = assignment.split("=", 1)[0].strip()
+            head, found, rest = text.partition(f"[{section}]\n")
+            assert found, f"no [{section}] in {name}"
+            body, bracket, tail = rest.partition("\n[")
+            body = "\n".join(kept for kept in body.split("\n") if not kept.startswith(f"{key} ="))
+            text = f"{head}[{section}]\n{assignment}\n{body}{bracket}{tail}"
+        (directory / name).write_text(text)
     return directory
 
 
@@ -119,6 +117,9 @@ async def simulator(catalog: Catalog) -> AsyncIterator[Simulator]:
     await server.close()
 
 
+_takes = itertools.count(1)  # default bodies differ, so separate submits are separate jobs, not cache hits
+
+
 class Gateway:
     """A running gateway: its URL, its services, and an HTTP client session."""
 
@@ -145,7 +146,7 @@ class Gateway:
 
     async def submit(self, path: str = TEXT_PATH, body: Any = None, headers: dict[str, str] | None = None,
                      **kwargs: Any) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
-        body = {"prompt": "a lighthouse at dusk"} if body is None else body
+        body = {"prompt": f"a lighthouse at dusk, take {next(_takes)}"} if body is None else body
         async with self.http.post(self.url + path, json=body, headers=auth() if headers is None else headers, **kwargs) as response:
             return response.status, await response.json(), response.headers
 

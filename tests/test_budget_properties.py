@@ -9,6 +9,7 @@ what an independent reckoning from the price table says.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.conftest import JWT_SECRET, POLICIES, TEXT_PATH, UPSTREAM_KEY, auth, 
 
 RATE = {"480p": 50_000, "720p": 70_000}
 LIMITS = {"a": 1_000_000, "b": 500_000}
+PROMPTS = itertools.count()  # every submit its own request: no cache hits in this property
 
 submit = st.tuples(st.just("submit"), st.sampled_from(sorted(LIMITS)), st.integers(3, 10), st.sampled_from(sorted(RATE)),
                    st.sampled_from(["COMPLETED", "FAILED", "ERROR", "REFUSED"]))
@@ -67,7 +69,8 @@ async def scenario(ops: list[tuple[Any, ...]], directory: Path) -> None:
                 else:
                     simulator.queue_outcomes(outcome)
                 async with http.post(gateway.make_url(TEXT_PATH), headers=auth(team=team),
-                                     json={"prompt": "p", "duration": seconds, "resolution": resolution}) as response:
+                                     json={"prompt": f"p{next(PROMPTS)}", "duration": seconds,
+                                           "resolution": resolution}) as response:
                     assert response.status in (202, 402, 503), await response.text()
                     if response.status == 202:
                         handles.append((await response.json())["request_id"])

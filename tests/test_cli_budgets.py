@@ -16,7 +16,7 @@ import pytest
 from proxy.budget import BudgetRules, Hold, period_key
 from proxy.clock import Clock
 from proxy.pricing import Estimate
-from proxy.store import Decision, JobUpdate
+from proxy.store import Decision, JobUpdate, Submission
 from proxy.store.sqlite import SQLiteStore
 from tests.conftest import JWT_SECRET, POLICIES, ROOT
 
@@ -38,7 +38,7 @@ def spend_some(db: str) -> str:
         store = SQLiteStore(db)
         await store.open()
         key = period_key("month", Clock().now())
-        receipt = await store.begin_submission("h1", "ops", "alice", "grok-imagine-video-text-to-video", "{}",
+        receipt = await store.begin_submission(Submission("h1", "ops", "alice", "grok-imagine-video-text-to-video", "{}"),
                                                Hold(Estimate(420_000, 6, "720p", "params", True), key, key, None))
         await store.mark_submitted(receipt.job_id, "up-1", "QUEUED")
         await store.update_job(receipt.job_id, JobUpdate("COMPLETED", None, None, "t", "t", 0.0),

@@ -150,6 +150,37 @@ class SoftAlert:
 
 
 @dataclass(frozen=True)
+class IdempotencyRecord:
+    key: str
+    request_hash: str
+    expires_at: str
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A new handle, as the pipeline asks the store to record it."""
+
+    handle: str
+    team: str
+    user: str
+    model: str
+    params_json: str
+    fingerprint: str | None = None
+    cache: str = "MISS"
+    webhook_url: str | None = None
+    webhook_mode: str | None = None
+    idempotency: IdempotencyRecord | None = None
+
+
+@dataclass(frozen=True)
+class Saving:
+    """A handle answered from an existing job: nothing charged, the job's cost saved."""
+
+    period_key: str
+    global_period_key: str
+
+
+@dataclass(frozen=True)
 class Receipt:
     """What recording a submission did to the money."""
 
@@ -202,8 +233,7 @@ class Store(Protocol):
 
     # jobs and handles
 
-    async def begin_submission(self, handle: str, team: str, user: str, model: str, params_json: str,
-                               hold: Hold | None) -> Receipt:
+    async def begin_submission(self, submission: Submission, hold: Hold | None) -> Receipt:
         """Record a handle and its job as SUBMITTING and reserve ``hold``, in one transaction.
 
         Raises :class:`~proxy.errors.BudgetExceeded` or :class:`~proxy.errors.TooManyRequests`
@@ -212,6 +242,14 @@ class Store(Protocol):
         ...
 
     async def mark_submitted(self, job_id: int, upstream_id: str, status: str) -> None: ...
+
+    async def find_reusable(self, fingerprint: str, completed_after: str) -> tuple[int, str] | None:
+        """(job id, status) of the newest job with ``fingerprint`` that is running, or COMPLETED after the given time."""
+        ...
+
+    async def attach_handle(self, submission: Submission, job_id: int, saving: Saving) -> int:
+        """Point a new handle at an existing job, record the saving; the micro-dollars saved."""
+        ...
 
     async def mark_rejected(self, job_id: int, reason: str) -> None:
         """The upstream refused the submit (or may not have got it): hide the job, release its money."""

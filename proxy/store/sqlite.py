@@ -22,7 +22,7 @@ import aiosqlite
 from ..clock import iso_utc
 from . import (
     PERIODS, TEAM_SETTINGS, TERMINAL_STATUSES, BudgetView, Decision, HandleView, JobUpdate, LedgerEntry, Receipt,
-    Reservation, Team, TeamExists, UnknownTeam, accounts,
+    Reservation, Saving, Submission, Team, TeamExists, UnknownTeam, accounts,
 )
 from .migrations import MIGRATIONS
 
@@ -162,26 +162,65 @@ class SQLiteStore:
 
     # handles and jobs
 
-    async def begin_submission(self, handle: str, team: str, user: str, model: str, params_json: str,
-                               hold: Hold | None) -> Receipt:
+    async def begin_submission(self, submission: Submission, hold: Hold | None) -> Receipt:
         now = iso_utc()
         async with self.transaction() as db:
             cursor = await db.execute(
-                "INSERT INTO jobs (model, params, status, created_at, updated_at) VALUES (?, ?, 'SUBMITTING', ?, ?)",
-                (model, params_json, now, now),
+                "INSERT INTO jobs (model, params, status, created_at, updated_at, fingerprint) "
+                "VALUES (?, ?, 'SUBMITTING', ?, ?, ?)",
+                (submission.model, submission.params_json, now, now, submission.fingerprint),
             )
             job_id = cursor.lastrowid
             assert job_id is not None
-            await db.execute(
-                "INSERT INTO handles (id, job_id, team, user_id, model, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (handle, job_id, team, user, model, now),
-            )
+            await self._insert_handle(db, submission, job_id, now)
             if hold is None:
                 return Receipt(job_id)
-            team_row = await self._team_in(db, team)
-            view, alert = await accounts.reserve(db, team=team_row, user=user, hold=hold, job_id=job_id,
-                                                 handle=handle, model=model, now=now)
+            team_row = await self._team_in(db, submission.team)
+            view, alert = await accounts.reserve(db, team=team_row, user=submission.user, hold=hold, job_id=job_id,
+                                                 handle=submission.handle, model=submission.model, now=now)
         return Receipt(job_id, view, alert)
+
+    async def _insert_handle(self, db: aiosqlite.Connection, submission: Submission, job_id: int, now: str) -> None:
+        await db.execute(
+            "INSERT INTO handles (id, job_id, team, user_id, model, created_at, cache, webhook_url, webhook_mode) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (submission.handle, job_id, submission.team, submission.user, submission.model, now, submission.cache,
+             submission.webhook_url, submission.webhook_mode),
+        )
+        record = submission.idempotency
+        if record is not None:
+            await db.execute(
+                "INSERT INTO idempotency_keys (team, user_id, idempotency_key, request_hash, handle, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (team, user_id, idempotency_key) DO UPDATE SET "
+                "request_hash = excluded.request_hash, handle = excluded.handle, expires_at = excluded.expires_at",
+                (submission.team, submission.user, record.key, record.request_hash, submission.handle,
+                 record.expires_at),
+            )
+
+    async def find_reusable(self, fingerprint: str, completed_after: str) -> tuple[int, str] | None:
+        row = await self._read_one(
+            "SELECT id, status FROM jobs WHERE fingerprint = ? AND (status IN ('QUEUED', 'PROCESSING') "
+            "OR (status = 'COMPLETED' AND finished_at >= ?)) ORDER BY id DESC LIMIT 1",
+            (fingerprint, completed_after),
+        )
+        return (row[0], row[1]) if row else None
+
+    async def attach_handle(self, submission: Submission, job_id: int, saving: Saving) -> int:
+        now = iso_utc()
+        async with self.transaction() as db:
+            await self._insert_handle(db, submission, job_id, now)
+            async with db.execute(
+                "SELECT COALESCE((SELECT spent_delta FROM ledger WHERE job_id = ? AND kind = 'settle'), "
+                "(SELECT amount_micros FROM reservations WHERE job_id = ?), 0)",
+                (job_id, job_id),
+            ) as cursor:
+                (saved,) = await cursor.fetchone()
+            await accounts.insert_ledger(
+                db, at=now, kind="saving", team=submission.team, user_id=submission.user, handle=submission.handle,
+                job_id=job_id, model=submission.model, period_key=saving.period_key,
+                global_period_key=saving.global_period_key, saved_micros=saved, basis=submission.cache.lower(),
+            )
+        return saved
 
     async def _team_in(self, db: aiosqlite.Connection, name: str) -> Team:
         async with db.execute(f"SELECT {_TEAM_COLUMNS} FROM teams WHERE name = ?", (name,)) as cursor:
