@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .auth import Principal
 from .budget import period_key
-from .errors import BadRequest, Forbidden, NotFound, ProxyError
+from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .money import micros_to_usd, usd_to_micros
 from .routes import status_body
 from .services import SERVICES, Services
@@ -31,11 +31,6 @@ MAX_PAGE = 1000
 _MONEY_FIELDS = {"budget_usd": "budget_limit_micros", "user_cap_usd": "user_cap_micros"}
 _COUNT_FIELDS = {"soft_threshold_percent", "max_concurrent_jobs", "max_submits_per_minute"}
 _NULLABLE = {"user_cap_usd", "max_concurrent_jobs", "max_submits_per_minute"}
-
-
-class Conflict(ProxyError):
-    status = 409
-    title = "Conflict"
 
 
 async def _admin(request: web.Request) -> tuple[Services, Principal]:

@@ -25,6 +25,7 @@ from .catalog import Catalog, load_catalog
 from .clock import Clock
 from .config import Config, Secret
 from .errors import error_middleware
+from .idempotency import Idempotency
 from .forward import Forward, Record
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -78,6 +79,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         [
             Authenticate(authenticator),
             Validate(config.max_body_bytes),
+            Idempotency(store, cache_rules.idempotency_ttl_seconds, clock, config.base_url),
             Dedup(store, cache_rules, clock, metrics, config.base_url, rules.global_period),
             Price(pricer),
             Budget(store, rules, clock),

@@ -13,7 +13,9 @@ Hierarchy::
     ├── Forbidden              403, a valid token that may not do this
     ├── BudgetExceeded         402, "Insufficient Balance": a cap would be passed
     ├── NotFound               404, unknown handle, or another team's
+    ├── Conflict               409, the thing exists, or is still being processed
     ├── PayloadTooLarge        413, body over the configured limit
+    ├── UnprocessableContent   422, an Idempotency-Key reused with another body
     ├── TooManyRequests        429, a team's rate or concurrency limit (Retry-After set)
     ├── UpstreamRefused        the upstream's own 4xx/5xx, passed on with its status
     ├── UpstreamUnavailable    502, upstream unreachable or answered garbage
@@ -91,6 +93,16 @@ class TooManyRequests(ProxyError):
 class NotFound(ProxyError):
     status = 404
     title = "Not Found"
+
+
+class Conflict(ProxyError):
+    status = 409
+    title = "Conflict"
+
+
+class UnprocessableContent(ProxyError):
+    status = 422
+    title = "Unprocessable Content"
 
 
 class PayloadTooLarge(ProxyError):

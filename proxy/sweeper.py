@@ -51,6 +51,7 @@ class Sweeper:
         now = self.clock.now()
         cutoff = iso_utc(now - timedelta(seconds=self.rules.orphan_submit_seconds))
         stale_cutoff = iso_utc(now - timedelta(seconds=self.rules.stale_job_seconds))
+        await self.store.purge_idempotency(iso_utc(now))
         resolved = 0
         for reservation in await self.store.open_reservations(created_before=cutoff):
             if reservation.job_status == "SUBMITTING":

@@ -243,6 +243,14 @@ class Store(Protocol):
 
     async def mark_submitted(self, job_id: int, upstream_id: str, status: str) -> None: ...
 
+    async def idempotent_handle(self, team: str, user: str, key: str, now: str) -> tuple[str, str, str] | None:
+        """(request hash, handle, job status) remembered for an unexpired key; None if unknown or refused upstream."""
+        ...
+
+    async def purge_idempotency(self, now: str) -> int:
+        """Forget expired keys; how many."""
+        ...
+
     async def find_reusable(self, fingerprint: str, completed_after: str) -> tuple[int, str] | None:
         """(job id, status) of the newest job with ``fingerprint`` that is running, or COMPLETED after the given time."""
         ...

@@ -197,6 +197,20 @@ class SQLiteStore:
                  record.expires_at),
             )
 
+    async def idempotent_handle(self, team: str, user: str, key: str, now: str) -> tuple[str, str, str] | None:
+        row = await self._read_one(
+            "SELECT k.request_hash, k.handle, j.status FROM idempotency_keys k JOIN handles h ON h.id = k.handle "
+            "JOIN jobs j ON j.id = h.job_id WHERE k.team = ? AND k.user_id = ? AND k.idempotency_key = ? "
+            "AND k.expires_at > ? AND j.status <> 'REJECTED'",
+            (team, user, key, now),
+        )
+        return (row[0], row[1], row[2]) if row else None
+
+    async def purge_idempotency(self, now: str) -> int:
+        async with self.transaction() as db:
+            cursor = await db.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,))
+            return cursor.rowcount
+
     async def find_reusable(self, fingerprint: str, completed_after: str) -> tuple[int, str] | None:
         row = await self._read_one(
             "SELECT id, status FROM jobs WHERE fingerprint = ? AND (status IN ('QUEUED', 'PROCESSING') "

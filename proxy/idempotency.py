@@ -1,0 +1,87 @@
+"""``Idempotency-Key`` on a submit, after the IETF httpapi idempotency-key draft.
+
+* The key (a string of 1-255 printable ASCII characters, quoted as a
+  structured-field string or bare) is scoped to the caller: team and user.
+* A retry with the same key and an equivalent body (same normalized params)
+  gets the same handle back (202, ``Idempotent-Replayed: true``): no new job,
+  no new charge.
+* The same key with a different body is 422; the same key while the first
+  request is still being processed is 409.
+* Keys are remembered for the policy's ``ttl_seconds`` (default 24 h), written
+  in the same transaction as the handle they name, so a crash cannot lose one.
+  A key whose submit the upstream refused is free to be used again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import timedelta
+
+from aiohttp import web
+
+from .budget import DRY_RUN_HEADER
+from .clock import Clock, iso_utc
+from .errors import BadRequest, Conflict, UnprocessableContent
+from .forward import STATUS_PATH
+from .pipeline import Policy, SubmitContext
+from .store import IdempotencyRecord, Store
+from .validate import canonical_json
+
+HEADER = "Idempotency-Key"
+KEY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}$")
+
+
+def parse_key(raw: str) -> str:
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not KEY_PATTERN.match(key) or not key.strip():
+        raise BadRequest(f"{HEADER} must be 1 to 255 printable ASCII characters")
+    return key
+
+
+class Idempotency(Policy):
+    name = "idempotency"
+
+    def __init__(self, store: Store, ttl_seconds: float, clock: Clock, public_url: str) -> None:
+        self.store = store
+        self.ttl = timedelta(seconds=ttl_seconds)
+        self.clock = clock
+        self.public_url = public_url.rstrip("/")
+        self.in_flight: set[tuple[str, str, str]] = set()
+        self._owned: dict[int, tuple[str, str, str]] = {}
+
+    async def on_request(self, ctx: SubmitContext) -> None:
+        raw = ctx.request.headers.get(HEADER)
+        if raw is None or ctx.request.headers.get(DRY_RUN_HEADER, "").strip().lower() in ("1", "true", "yes"):
+            return
+        assert ctx.principal is not None and ctx.params is not None
+        key = parse_key(raw)
+        scope = (ctx.principal.team, ctx.principal.user, key)
+        request_hash = hashlib.sha256(f"{ctx.model.id}\n{canonical_json(ctx.params)}".encode()).hexdigest()
+        if scope in self.in_flight:
+            raise Conflict(f"A request with this {HEADER} is still being processed; retry shortly")
+        self.in_flight.add(scope)  # claimed before the first await, so concurrent twins see it
+        self._owned[id(ctx)] = scope
+        now = self.clock.now()
+        existing = await self.store.idempotent_handle(*scope, iso_utc(now))
+        if existing is not None:
+            remembered_hash, handle, status = existing
+            if remembered_hash != request_hash:
+                raise UnprocessableContent(f"This {HEADER} was already used with a different request")
+            if status == "SUBMITTING":
+                raise Conflict(f"A request with this {HEADER} is still being processed; retry shortly")
+            ctx.response = web.json_response(
+                {"request_id": handle, "status": status, "polling_url": f"{self.public_url}{STATUS_PATH}{handle}"},
+                status=202,
+                headers={"Idempotent-Replayed": "true"},
+            )
+            return
+        ctx.idempotency = IdempotencyRecord(key, request_hash, iso_utc(now + self.ttl))
+
+    async def on_response(self, ctx: SubmitContext) -> None:
+        self.in_flight.discard(self._owned.pop(id(ctx), ("", "", "")))
+
+    async def on_failure(self, ctx: SubmitContext, error: BaseException) -> None:
+        self.in_flight.discard(self._owned.pop(id(ctx), ("", "", "")))
