@@ -8,6 +8,7 @@ as decimals, never floats. A limit change takes effect on the next request.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from decimal import Decimal
 from typing import Any
@@ -18,10 +19,12 @@ from .auth import Principal
 from .budget import period_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .money import micros_to_usd, usd_to_micros
-from .routes import status_body
+from .views import status_body
 from .services import SERVICES, Services
 from .store import PERIODS, LedgerEntry, Team, TeamExists, UnknownTeam
 from .validate import check_content_type, parse_json
+
+logger = logging.getLogger(__name__)
 
 PERIOD_KEY = re.compile(r"^(total|\d{4}-\d{2}|\d{4}-W\d{2}|\d{4}-\d{2}-\d{2})$")
 TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -227,6 +230,17 @@ async def team_requests(request: web.Request) -> web.StreamResponse:
     return web.json_response([status_body(view) | {"user": view.user} for view in views])
 
 
+async def webhook_secret(request: web.Request) -> web.StreamResponse:
+    """GET: the team's webhook signing secret (created on first use); POST: rotate it."""
+    services, principal = await _admin(request)
+    team = await _team(services, request.match_info["team"])
+    rotate = request.method == "POST"
+    secret = await services.store.webhook_secret(team.name, rotate=rotate)
+    if rotate:
+        logger.warning("webhook secret of team %s rotated by %s", team.name, principal.user)
+    return web.json_response({"team": team.name, "secret": secret}, status=201 if rotate else 200)
+
+
 async def _money_entry(request: web.Request, kind: str) -> web.StreamResponse:
     services, principal = await _admin(request)
     team = await _team(services, request.match_info["team"])
@@ -270,6 +284,8 @@ ADMIN_ROUTES = [
     ("POST", "/admin/teams/{team}/topups", topup),
     ("POST", "/admin/teams/{team}/adjustments", adjust),
     ("GET", "/admin/spend", spend),
+    ("GET", "/admin/teams/{team}/webhook-secret", webhook_secret),
+    ("POST", "/admin/teams/{team}/webhook-secret", webhook_secret),
 ]
 
 

@@ -42,6 +42,7 @@ from .sweeper import Sweeper
 from .tracker import Tracker
 from .upstream import Upstream
 from .validate import Validate
+from .webhooks import Webhook, WebhookSender, load_delivery_rules
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     catalog = load_catalog(config.policies_dir)
     rules = load_budget_rules(config.policies_dir)
     cache_rules = load_cache_rules(config.policies_dir)
+    delivery_rules = load_delivery_rules(config.policies_dir)
     clock = clock or Clock()
     contexts: list[Context] = []
     if config.simulate:
@@ -79,6 +81,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         [
             Authenticate(authenticator),
             Validate(config.max_body_bytes),
+            Webhook(config.webhook_allow_private),
             Idempotency(store, cache_rules.idempotency_ttl_seconds, clock, config.base_url),
             Dedup(store, cache_rules, clock, metrics, config.base_url, rules.global_period),
             Price(pricer),
@@ -91,6 +94,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     refresher = StatusRefresher(store, upstream, Settler(store, catalog, pricer, rules), config.status_refresh_seconds)
     sweeper = Sweeper(store, refresher, rules, clock)
     tracker = Tracker(store, refresher, config.status_refresh_seconds, config.tracker_concurrency)
+    sender = WebhookSender(store, delivery_rules, metrics, allow_private=config.webhook_allow_private)
     services = Services(
         config=config,
         catalog=catalog,
@@ -105,6 +109,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         alerts=alerts,
         sweeper=sweeper,
         tracker=tracker,
+        webhooks=sender,
     )
 
     async def open_store(app: web.Application) -> AsyncIterator[None]:
@@ -116,14 +121,16 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         await store.close()
 
     async def open_clients(app: web.Application) -> AsyncIterator[None]:
-        for client in (upstream, prober, alerts):
+        clients = (upstream, prober, alerts, sender)
+        for client in clients:
             await client.start()
         yield
-        for client in (alerts, prober, upstream):
+        for client in reversed(clients):
             await client.close()
 
     async def run_background(app: web.Application) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(sweeper.run(), name="sweeper"), asyncio.create_task(tracker.run(), name="tracker")]
+        tasks = [asyncio.create_task(sweeper.run(), name="sweeper"), asyncio.create_task(tracker.run(), name="tracker"),
+                 asyncio.create_task(sender.run(), name="webhooks")]
         yield
         for task in tasks:
             task.cancel()

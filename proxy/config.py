@@ -76,6 +76,7 @@ class Config:
     log_level: str = "INFO"
     probe_allow_private: bool = False
     tracker_concurrency: int = 8
+    webhook_allow_private: bool = False
     alert_webhook_url: str = ""
 
     @property
@@ -143,6 +144,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "log_level": ("PROXY_LOG_LEVEL", lambda v: v.strip().upper()),
     "probe_allow_private": ("PROXY_PROBE_ALLOW_PRIVATE", _bool),
     "tracker_concurrency": ("PROXY_TRACKER_CONCURRENCY", _int),
+    "webhook_allow_private": ("PROXY_WEBHOOK_ALLOW_PRIVATE", _bool),
     "alert_webhook_url": ("PROXY_ALERT_WEBHOOK_URL", _text),
 }
 

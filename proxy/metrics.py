@@ -35,6 +35,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.webhook_deliveries = Counter(
+            "pixazo_proxy_webhook_deliveries_total",
+            "Webhook delivery attempts by outcome (delivered, retried, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -12,25 +12,11 @@ from .errors import ModelNotFound, NotFound
 from .metrics import metrics_handler
 from .pipeline import SubmitContext
 from .services import SERVICES, Services
-from .store import HandleView
+from .views import status_body
 
 logger = logging.getLogger(__name__)
 
 MAX_HANDLE_LENGTH = 200
-
-
-def status_body(view: HandleView) -> dict[str, Any]:
-    """The upstream's status shape, with the gateway's handle as ``request_id``."""
-    return {
-        "request_id": view.handle,
-        "status": view.status,
-        "model_id": view.model,
-        "error": view.error,
-        "output": view.output,
-        "created_at": view.created_at,
-        "updated_at": view.updated_at,
-        "completed_at": view.completed_at,
-    }
 
 
 def submit_handler(model: ModelSpec) -> Any:

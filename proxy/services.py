@@ -18,6 +18,7 @@ from .refresh import StatusRefresher
 from .store import Store
 from .sweeper import Sweeper
 from .tracker import Tracker
+from .webhooks import WebhookSender
 from .upstream import Upstream
 
 
@@ -36,6 +37,7 @@ class Services:
     alerts: Alerts
     sweeper: Sweeper
     tracker: Tracker
+    webhooks: WebhookSender
 
 
 SERVICES = web.AppKey("services", Services)

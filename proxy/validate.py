@@ -156,14 +156,10 @@ class Validate(Policy):
     """Second policy: the body becomes normalized params, or the request is refused with 400/413."""
 
     name = "validate"
-    unsupported_headers = ("X-Webhook-URL", "X-Webhook-Mode")
 
     def __init__(self, max_body_bytes: int) -> None:
         self.max_body_bytes = max_body_bytes
 
     async def on_request(self, ctx: SubmitContext) -> None:
-        for header in self.unsupported_headers:
-            if header in ctx.request.headers:
-                raise BadRequest(f"{header} is not supported by this gateway yet: poll the polling_url instead")
         body = await read_json_body(ctx.request, self.max_body_bytes)
         ctx.params = normalize(ctx.model, body)

@@ -153,16 +153,6 @@ async def test_unknown_model_still_needs_a_token(gateway: Gateway) -> None:
     assert body["error"] == "Unauthorized"
 
 
-async def test_client_webhook_headers_are_refused_until_the_gateway_delivers_them(gateway: Gateway, simulator: Simulator) -> None:
-    code, body, _ = await gateway.submit(headers=auth() | {"X-Webhook-URL": "https://hooks.example.com/cb"})
-
-    assert (code, body) == (400, {
-        "error": "Bad Request",
-        "message": "X-Webhook-URL is not supported by this gateway yet: poll the polling_url instead",
-    })
-    assert simulator.calls == []
-
-
 async def test_wrong_method_and_unknown_route_answer_in_the_upstream_shape(gateway: Gateway) -> None:
     async with gateway.http.get(gateway.url + TEXT_PATH, headers=auth()) as response:
         assert response.status == 405

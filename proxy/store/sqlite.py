@@ -22,8 +22,9 @@ import aiosqlite
 from ..clock import iso_utc
 from . import (
     PERIODS, TEAM_SETTINGS, TERMINAL_STATUSES, BudgetView, Decision, HandleView, JobUpdate, LedgerEntry, Receipt,
-    Reservation, Saving, Submission, Team, TeamExists, UnknownTeam, accounts,
+    Reservation, Saving, Submission, Team, TeamExists, UnknownTeam, accounts, outbox,
 )
+from ..views import status_body
 from .migrations import MIGRATIONS
 
 if TYPE_CHECKING:
@@ -234,7 +235,55 @@ class SQLiteStore:
                 job_id=job_id, model=submission.model, period_key=saving.period_key,
                 global_period_key=saving.global_period_key, saved_micros=saved, basis=submission.cache.lower(),
             )
+            if submission.webhook_url is not None:
+                async with db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)) as cursor:
+                    (status,) = await cursor.fetchone()
+                if status in TERMINAL_STATUSES:
+                    await self._notify(db, job_id, status, now, handle=submission.handle)
         return saved
+
+    # webhooks
+
+    async def due_deliveries(self, now: str, limit: int = 50) -> list[outbox.Delivery]:
+        assert self._reader is not None, "store is not open"
+        return await outbox.due(self._reader, now, limit)
+
+    async def delivery_done(self, delivery_id: int, *, delivered: bool, attempts: int, next_attempt_at: str | None,
+                            error: str | None) -> None:
+        """Record one attempt: delivered, to be retried at ``next_attempt_at``, or (neither) given up."""
+        now = iso_utc()
+        state = "delivered" if delivered else ("pending" if next_attempt_at else "failed")
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = COALESCE(?, next_attempt_at), "
+                "last_error = ?, finished_at = CASE WHEN ? = 'pending' THEN NULL ELSE ? END WHERE id = ?",
+                (state, attempts, next_attempt_at, error, state, now, delivery_id),
+            )
+
+    async def outbox_depth(self) -> int:
+        (depth,) = await self._read_one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'", ())
+        return depth
+
+    async def webhook_secret(self, team: str, *, rotate: bool = False) -> str:
+        """The team's signing secret, created on first use; a new one when ``rotate``."""
+        if not rotate:
+            row = await self._read_one("SELECT webhook_secret FROM teams WHERE name = ?", (team,))
+            if row is None:
+                raise UnknownTeam(team)
+            if row[0]:
+                return row[0]
+        secret = outbox.new_secret()
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE teams SET webhook_secret = ? WHERE name = ?" + ("" if rotate else " AND webhook_secret IS NULL"),
+                (secret, team),
+            )
+            if cursor.rowcount != 1 and not rotate:
+                async with db.execute("SELECT webhook_secret FROM teams WHERE name = ?", (team,)) as again:
+                    return (await again.fetchone())[0]
+            if cursor.rowcount != 1:
+                raise UnknownTeam(team)
+        return secret
 
     async def _team_in(self, db: aiosqlite.Connection, name: str) -> Team:
         async with db.execute(f"SELECT {_TEAM_COLUMNS} FROM teams WHERE name = ?", (name,)) as cursor:
@@ -245,11 +294,13 @@ class SQLiteStore:
 
     async def mark_submitted(self, job_id: int, upstream_id: str, status: str) -> None:
         async with self.transaction() as db:
-            await db.execute(
+            cursor = await db.execute(
                 "UPDATE jobs SET upstream_id = ?, status = ?, updated_at = ?, checked_at = ? "
                 "WHERE id = ? AND status = 'SUBMITTING'",
                 (upstream_id, status, iso_utc(), time.time(), job_id),
             )
+            if cursor.rowcount == 1:
+                await self._notify(db, job_id, status, iso_utc())
 
     async def mark_rejected(self, job_id: int, reason: str) -> None:
         now = iso_utc()
@@ -274,6 +325,8 @@ class SQLiteStore:
     async def update_job(self, job_id: int, update: JobUpdate, decision: Decision | None = None) -> bool:
         now = iso_utc()
         async with self.transaction() as db:
+            async with db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)) as current:
+                before = await current.fetchone()
             cursor = await db.execute(
                 f"""UPDATE jobs SET status = ?, output = ?, error = ?, updated_at = ?, completed_at = ?,
                     checked_at = ?, finished_at = ? WHERE id = ? AND status NOT IN {_TERMINAL}""",
@@ -292,7 +345,18 @@ class SQLiteStore:
                 return False
             if update.status in TERMINAL_STATUSES:
                 await accounts.resolve(db, job_id, decision or Decision.release("ended without a decision"), now)
+            if before is None or before[0] != update.status:
+                await self._notify(db, job_id, update.status, now)
             return True
+
+    async def _notify(self, db: aiosqlite.Connection, job_id: int, status: str, now: str,
+                      handle: str | None = None) -> None:
+        """Queue webhook deliveries of the job's new ``status`` (to one handle, or to all of the job's)."""
+        sql = _HANDLE_SELECT.replace("SELECT h.id,", "SELECT h.webhook_url, h.webhook_mode, h.id,")
+        sql += " AND h.job_id = ? AND h.webhook_url IS NOT NULL" + (" AND h.id = ?" if handle else "")
+        async with db.execute(sql, (job_id, handle) if handle else (job_id,)) as cursor:
+            rows = [(_handle_view(row[2:]), row[3], row[0], row[1]) async for row in cursor]
+        await outbox.enqueue(db, rows, status, status in TERMINAL_STATUSES, now, status_body)
 
     async def active_jobs(self, limit: int = 10_000) -> list[tuple[int, str, float]]:
         rows = await self._read_all(

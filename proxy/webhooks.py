@@ -1,0 +1,216 @@
+"""Client webhooks: ``X-Webhook-URL`` / ``X-Webhook-Mode``, delivered by the gateway itself.
+
+At submit (:class:`Webhook` policy) the URL must be https and every address
+its host resolves to public (no loopback, private, link-local, CGNAT,
+multicast or metadata addresses, IPv4-mapped forms included);
+``PROXY_WEBHOOK_ALLOW_PRIVATE=1`` lifts both rules for local development.
+
+Deliveries are rows of a persistent outbox, written by the store in the same
+transaction as the status change they report: ``terminal`` handles get one at
+the final status, ``sync`` handles one per observed change. The
+:class:`WebhookSender` posts them with Standard Webhooks headers
+(``webhook-id``, ``webhook-timestamp``, ``webhook-signature`` =
+``v1,base64(HMAC-SHA256(secret, id.timestamp.body))``), follows no redirects,
+checks the address it actually connects to (the resolver refuses non-public
+answers, so DNS rebinding is caught), and retries on the policy's schedule
+with jitter, honouring ``Retry-After``, until it gives up and records why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .clock import iso_utc
+from .errors import BadRequest
+from .metrics import Metrics
+from .netguard import BlockedAddress, check_literal_host, is_public_address, literal_address, outbound_session
+from .pipeline import Policy, SubmitContext
+from .policyfile import read_toml
+from .store import Store
+from .store.outbox import SECRET_PREFIX, Delivery
+from .validate import url_problem
+
+logger = logging.getLogger(__name__)
+
+WEBHOOKS_FILE = "webhooks.toml"
+URL_HEADER = "X-Webhook-URL"
+MODE_HEADER = "X-Webhook-Mode"
+RESOLVE_TIMEOUT_SECONDS = 3.0
+MAX_RETRY_AFTER_SECONDS = 36000
+
+
+@dataclass(frozen=True)
+class DeliveryRules:
+    timeout_seconds: float = 10.0
+    retry_schedule_seconds: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    poll_seconds: float = 1.0
+    concurrency: int = 8
+
+
+def load_delivery_rules(policies_dir: Path) -> DeliveryRules:
+    root = read_toml(policies_dir / WEBHOOKS_FILE)
+    delivery = root.table("delivery")
+    schedule = delivery.raw("retry_schedule_seconds", list(DeliveryRules.retry_schedule_seconds))
+    if not isinstance(schedule, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in schedule
+    ):
+        raise delivery.error("retry_schedule_seconds", "must be a list of waits in seconds, each at least 0")
+    rules = DeliveryRules(
+        timeout_seconds=delivery.number("timeout_seconds", 10.0),
+        retry_schedule_seconds=tuple(float(v) for v in schedule),
+        poll_seconds=delivery.number("poll_seconds", 1.0),
+        concurrency=delivery.integer("concurrency", 8, minimum=1),
+    )
+    delivery.done()
+    root.done()
+    return rules
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value for one delivery (Standard Webhooks, v1)."""
+    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+    content = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
+
+
+async def check_target(url: str, *, allow_private: bool) -> None:
+    """Refuse a webhook URL that is not https or whose host is, or resolves to, a non-public address."""
+    problem = url_problem(url)
+    if problem:
+        raise BadRequest(f"{URL_HEADER} {problem}")
+    if allow_private:
+        return
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        raise BadRequest(f"{URL_HEADER} must be an https:// URL")
+    host = parts.hostname or ""
+    literal = literal_address(host)
+    if literal is not None:
+        if not is_public_address(literal):
+            raise BadRequest(f"{URL_HEADER} must point at a public address, not {host}")
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        answers = await asyncio.wait_for(
+            loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_SECONDS
+        )
+    except (OSError, asyncio.TimeoutError):
+        raise BadRequest(f"{URL_HEADER} host {host} cannot be resolved") from None
+    if not answers or any(not is_public_address(answer[4][0]) for answer in answers):
+        raise BadRequest(f"{URL_HEADER} must point at a public address; {host} resolves to a private one")
+
+
+class Webhook(Policy):
+    """Reads and checks the webhook headers of a submit."""
+
+    name = "webhook"
+
+    def __init__(self, allow_private: bool) -> None:
+        self.allow_private = allow_private
+
+    async def on_request(self, ctx: SubmitContext) -> None:
+        mode = ctx.request.headers.get(MODE_HEADER, "terminal").strip().lower()
+        if mode not in ("terminal", "sync"):
+            raise BadRequest(f"{MODE_HEADER} must be terminal or sync")
+        url = ctx.request.headers.get(URL_HEADER)
+        if url is None:
+            return
+        await check_target(url.strip(), allow_private=self.allow_private)
+        ctx.webhook_url, ctx.webhook_mode = url.strip(), mode
+
+
+class WebhookSender:
+    """Delivers due outbox rows, forever, as a background task."""
+
+    def __init__(self, store: Store, rules: DeliveryRules, metrics: Metrics, *, allow_private: bool) -> None:
+        self.store = store
+        self.rules = rules
+        self.metrics = metrics
+        self.allow_private = allow_private
+        self.session: aiohttp.ClientSession | None = None
+        self.semaphore = asyncio.Semaphore(rules.concurrency)
+
+    async def start(self) -> None:
+        self.session = outbound_session(allow_private=self.allow_private, timeout=self.rules.timeout_seconds,
+                                        headers={"User-Agent": "pixazo-proxy-webhooks"})
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.deliver_due()
+            except Exception:
+                logger.exception("webhook delivery round failed")
+            await asyncio.sleep(self.rules.poll_seconds)
+
+    async def deliver_due(self) -> int:
+        due = await self.store.due_deliveries(iso_utc())
+        await asyncio.gather(*(self._deliver(delivery) for delivery in due))
+        return len(due)
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        async with self.semaphore:
+            attempts = delivery.attempts + 1
+            ok, error, retry_after = await self._post(delivery)
+            if ok:
+                await self.store.delivery_done(delivery.id, delivered=True, attempts=attempts,
+                                               next_attempt_at=None, error=None)
+                self.metrics.webhook_deliveries.labels(outcome="delivered").inc()
+                return
+            schedule = self.rules.retry_schedule_seconds
+            if attempts > len(schedule):
+                await self.store.delivery_done(delivery.id, delivered=False, attempts=attempts,
+                                               next_attempt_at=None, error=error)
+                self.metrics.webhook_deliveries.labels(outcome="failed").inc()
+                logger.error("webhook %s for %s given up after %d attempts: %s", delivery.message_id,
+                             delivery.handle, attempts, error)
+                return
+            wait = schedule[attempts - 1] * random.uniform(1.0, 1.2)
+            wait = max(wait, min(retry_after or 0.0, MAX_RETRY_AFTER_SECONDS))
+            next_at = iso_utc(datetime.now(UTC) + timedelta(seconds=wait))
+            await self.store.delivery_done(delivery.id, delivered=False, attempts=attempts,
+                                           next_attempt_at=next_at, error=error)
+            self.metrics.webhook_deliveries.labels(outcome="retried").inc()
+            logger.warning("webhook %s for %s attempt %d failed (%s); next in %.1fs", delivery.message_id,
+                           delivery.handle, attempts, error, wait)
+
+    async def _post(self, delivery: Delivery) -> tuple[bool, str | None, float | None]:
+        """(delivered, error, Retry-After seconds) of one attempt."""
+        assert self.session is not None, "sender is not started"
+        body = delivery.payload.encode()
+        timestamp = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "webhook-id": delivery.message_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(await self.store.webhook_secret(delivery.team), delivery.message_id,
+                                      timestamp, body),
+        }
+        try:
+            check_literal_host(delivery.url, allow_private=self.allow_private)
+            async with self.session.post(delivery.url, data=body, headers=headers, allow_redirects=False) as response:
+                if 200 <= response.status < 300:
+                    return True, None, None
+                retry_after = response.headers.get("Retry-After", "")
+                return False, f"HTTP {response.status}", float(retry_after) if retry_after.isdigit() else None
+        except BlockedAddress as exc:
+            return False, f"blocked: {exc}", None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return False, f"{type(exc).__name__}: {exc}"[:300], None
+

@@ -1,0 +1,267 @@
+"""Webhooks delivered by the gateway: exactly once at the end, every change in sync mode, retried, signed, guarded."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import sqlite3
+import time
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.simulator import Simulator
+from tests.conftest import TEXT_PATH, Gateway, auth, free_port, make_token, policies_with, wait_for_status
+
+FAST = """
+delivery: poll_seconds = 0.05
+delivery: retry_schedule_seconds = [0.05, 0.1, 0.1]
+delivery: timeout_seconds = 2
+"""
+ADMIN = {"Authorization": f"Bearer {make_token(team='research', user='root', role='admin')}"}
+
+
+class Receiver:
+    """A webhook endpoint on loopback: records every POST; fails the first ``fail`` with ``status``."""
+
+    def __init__(self, fail: int = 0, status: int = 500, headers: dict[str, str] | None = None) -> None:
+        self.fail, self.status, self.headers = fail, status, headers or {}
+        self.calls: list[tuple[dict[str, str], bytes, float]] = []
+        self.server: TestServer | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.calls.append((dict(request.headers), await request.read(), time.monotonic()))
+        if self.fail:
+            self.fail -= 1
+            return web.Response(status=self.status, headers=self.headers)
+        return web.Response(status=200)
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        self.calls.append((dict(request.headers), await request.read(), time.monotonic()))
+        raise web.HTTPFound(str(self.url("/hook")))
+
+    def url(self, path: str = "/hook") -> str:
+        assert self.server is not None
+        return str(self.server.make_url(path))
+
+    def delivered(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for headers, body, _ in self.calls]
+
+    async def __aenter__(self) -> Receiver:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        app.router.add_post("/moved", self.redirect)
+        self.server = TestServer(app, host="127.0.0.1", port=free_port())
+        await self.server.start_server()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        await self.server.close()
+
+
+@pytest.fixture
+async def hooked(start_gateway, tmp_path) -> Gateway:
+    return await start_gateway(webhook_allow_private=True, policies_dir=policies_with(tmp_path, webhooks=FAST))
+
+
+def outbox(gateway: Gateway) -> list[tuple[str, str, int, str | None]]:
+    with sqlite3.connect(gateway.services.config.db_path) as db:
+        return db.execute("SELECT status, state, attempts, last_error FROM outbox ORDER BY id").fetchall()
+
+
+async def until(check, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_terminal_mode_delivers_exactly_once_with_the_gateways_handle(hooked: Gateway) -> None:
+    async with Receiver() as receiver:
+        _, body, _ = await hooked.submit(headers=auth() | {"X-Webhook-URL": receiver.url()})
+        final = await wait_for_status(hooked, body["request_id"], {"COMPLETED"})
+        await until(lambda: len(receiver.calls) == 1)
+        await asyncio.sleep(0.3)  # nothing more arrives
+
+    assert receiver.delivered() == [final]
+    assert receiver.delivered()[0]["request_id"] == body["request_id"]
+    assert outbox(hooked) == [("COMPLETED", "delivered", 1, None)]
+
+
+async def test_sync_mode_delivers_every_status_change(hooked: Gateway, simulator: Simulator) -> None:
+    simulator.settings.queued_seconds, simulator.settings.processing_seconds = 0.15, 0.3
+    simulator.queue_outcomes("FAILED")
+    async with Receiver() as receiver:
+        _, body, _ = await hooked.submit(headers=auth() | {"X-Webhook-URL": receiver.url(), "X-Webhook-Mode": "sync"})
+        for _ in range(60):  # a client polling keeps the gateway's view fresh
+            await hooked.status(body["request_id"])
+            await asyncio.sleep(0.02)
+        await until(lambda: len(receiver.calls) == 3)
+
+    assert [d["status"] for d in receiver.delivered()] == ["QUEUED", "PROCESSING", "FAILED"]
+    assert receiver.delivered()[-1]["error"] == "Generation failed: the model could not produce a video for this request"
+
+
+async def test_a_failing_receiver_is_retried_with_the_same_id_until_it_recovers(hooked: Gateway) -> None:
+    async with Receiver(fail=2) as receiver:
+        _, body, _ = await hooked.submit(headers=auth() | {"X-Webhook-URL": receiver.url()})
+        await until(lambda: len(receiver.calls) == 3)
+
+    ids = {headers["webhook-id"] for headers, _, _ in receiver.calls}
+    assert len(ids) == 1
+    assert outbox(hooked) == [("COMPLETED", "delivered", 3, None)]
+
+
+async def test_retry_after_is_honoured(hooked: Gateway) -> None:
+    async with Receiver(fail=1, status=503, headers={"Retry-After": "1"}) as receiver:
+        await hooked.submit(headers=auth() | {"X-Webhook-URL": receiver.url()})
+        await until(lambda: len(receiver.calls) == 2, timeout=6)
+
+    assert receiver.calls[1][2] - receiver.calls[0][2] >= 1.0
+
+
+async def test_a_receiver_that_never_recovers_is_given_up_and_recorded(hooked: Gateway) -> None:
+    async with Receiver(fail=100) as receiver:
+        await hooked.submit(headers=auth() | {"X-Webhook-URL": receiver.url()})
+        await until(lambda: outbox(hooked) and outbox(hooked)[0][1] == "failed")
+
+    assert len(receiver.calls) == 4  # the first attempt and three retries
+    assert outbox(hooked) == [("COMPLETED", "failed", 4, "HTTP 500")]
+
+
+async def test_redirects_are_not_followed(hooked: Gateway) -> None:
+    async with Receiver() as receiver:
+        await hooked.submit(headers=auth() | {"X-Webhook-URL": receiver.url("/moved")})
+        await until(lambda: outbox(hooked) and outbox(hooked)[0][1] == "failed")
+
+    assert {headers.get("webhook-id") is not None for headers, _, _ in receiver.calls} == {True}
+    assert all(json.loads(body)["status"] == "COMPLETED" for _, body, _ in receiver.calls)
+    assert outbox(hooked)[0][3] == "HTTP 302"
+
+
+async def test_deliveries_carry_standard_webhooks_signatures_with_a_rotatable_team_secret(hooked: Gateway) -> None:
+    async with hooked.http.get(hooked.url + "/admin/teams/design/webhook-secret", headers=ADMIN) as response:
+        secret = (await response.json())["secret"]
+    async with Receiver() as receiver:
+        await hooked.submit(headers=auth() | {"X-Webhook-URL": receiver.url()})
+        await until(lambda: len(receiver.calls) == 1)
+        async with hooked.http.post(hooked.url + "/admin/teams/design/webhook-secret", headers=ADMIN) as response:
+            assert response.status == 201
+            rotated = (await response.json())["secret"]
+        await hooked.submit(headers=auth() | {"X-Webhook-URL": receiver.url()})
+        await until(lambda: len(receiver.calls) == 2)
+
+    def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
+        """What a receiver does, as the README shows."""
+        key = base64.b64decode(secret.removeprefix("whsec_"))
+        signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+        expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+        return any(hmac.compare_digest(expected, sig.split(",", 1)[1]) for sig in headers["webhook-signature"].split())
+
+    (first_headers, first_body, _), (second_headers, second_body, _) = receiver.calls
+    assert secret.startswith("whsec_") and rotated != secret
+    assert verify(secret, first_headers, first_body) and not verify(rotated, first_headers, first_body)
+    assert verify(rotated, second_headers, second_body) and not verify(secret, second_headers, second_body)
+    assert abs(int(first_headers["webhook-timestamp"]) - time.time()) < 30
+    async with hooked.http.get(hooked.url + "/admin/teams/design/webhook-secret", headers=auth()) as response:
+        assert response.status == 403
+
+
+async def test_a_cache_hit_with_a_webhook_is_told_at_once(hooked: Gateway) -> None:
+    body = {"prompt": "a heron"}
+    _, first, _ = await hooked.submit(TEXT_PATH, body)
+    await wait_for_status(hooked, first["request_id"], {"COMPLETED"})
+    async with Receiver() as receiver:
+        code, hit, headers = await hooked.submit(TEXT_PATH, body, headers=auth() | {"X-Webhook-URL": receiver.url()})
+        await until(lambda: len(receiver.calls) == 1)
+
+    assert (code, headers["X-Proxy-Cache"]) == (202, "HIT")
+    assert receiver.delivered()[0]["request_id"] == hit["request_id"]
+    assert receiver.delivered()[0]["status"] == "COMPLETED"
+
+
+async def test_deliveries_survive_a_restart(start_gateway, tmp_path) -> None:
+    policies = policies_with(tmp_path, webhooks=FAST)
+    db = str(tmp_path / "hooks.db")
+    port = free_port()
+    first = await start_gateway(db_path=db, webhook_allow_private=True, policies_dir=policies)
+    _, body, _ = await first.submit(headers=auth() | {"X-Webhook-URL": f"http://127.0.0.1:{port}/hook"})
+    await wait_for_status(first, body["request_id"], {"COMPLETED"})
+    await first.server.close()  # the receiver was not up: the delivery is pending in the outbox
+    assert outbox(first)[0][1] == "pending"
+
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    server = TestServer(app, host="127.0.0.1", port=port)
+    await server.start_server()
+    try:
+        second = await start_gateway(db_path=db, webhook_allow_private=True, policies_dir=policies)
+        await until(lambda: outbox(second)[0][1] == "delivered")
+    finally:
+        await server.close()
+    assert [d["request_id"] for d in receiver.delivered()] == [body["request_id"]]
+
+
+TARGETS = [
+    ("http://example.com/hook", "X-Webhook-URL must be an https:// URL"),
+    ("https://127.0.0.1/hook", "X-Webhook-URL must point at a public address, not 127.0.0.1"),
+    ("https://[::1]/hook", "X-Webhook-URL must point at a public address, not ::1"),
+    ("https://[::ffff:127.0.0.1]/hook", "X-Webhook-URL must point at a public address, not ::ffff:127.0.0.1"),
+    ("https://10.1.2.3/hook", "X-Webhook-URL must point at a public address, not 10.1.2.3"),
+    ("https://172.16.0.9/hook", "X-Webhook-URL must point at a public address, not 172.16.0.9"),
+    ("https://192.168.1.20/hook", "X-Webhook-URL must point at a public address, not 192.168.1.20"),
+    ("https://169.254.169.254/latest/meta-data", "X-Webhook-URL must point at a public address, not 169.254.169.254"),
+    ("https://100.64.0.1/hook", "X-Webhook-URL must point at a public address, not 100.64.0.1"),
+    ("https://224.0.0.1/hook", "X-Webhook-URL must point at a public address, not 224.0.0.1"),
+    ("https://0.0.0.0/hook", "X-Webhook-URL must point at a public address, not 0.0.0.0"),
+    ("https://2130706433/hook", "X-Webhook-URL must point at a public address; 2130706433 resolves to a private one"),
+    ("https://0177.0.0.1/hook", "X-Webhook-URL must point at a public address; 0177.0.0.1 resolves to a private one"),
+    ("https://0x7f.0.0.1/hook", "X-Webhook-URL must point at a public address; 0x7f.0.0.1 resolves to a private one"),
+    ("https://localhost/hook", "X-Webhook-URL must point at a public address; localhost resolves to a private one"),
+    # CRLF cannot arrive inside a header value (it ends the header on the wire; clients refuse to send it),
+    # so what can arrive is checked: whitespace and tabs inside the URL.
+    ("https://a.example/h X-Evil: 1", "X-Webhook-URL must not contain whitespace or control characters"),
+    ("https://a.example/h\tX-Evil: 1", "X-Webhook-URL must not contain whitespace or control characters"),
+    ("ftp://example.com/hook", "X-Webhook-URL must be an http:// or https:// URL"),
+]
+
+
+@pytest.mark.parametrize(("url", "message"), TARGETS, ids=[url[:40] for url, _ in TARGETS])
+async def test_webhook_targets_that_are_not_public_https_are_refused_at_submit(
+    gateway: Gateway, simulator: Simulator, url: str, message: str
+) -> None:
+    headers = auth() | {"X-Webhook-URL": url}
+
+    code, body, _ = await gateway.submit(headers=headers)
+
+    assert (code, body) == (400, {"error": "Bad Request", "message": message})
+    assert simulator.calls == []
+
+
+async def test_a_bad_mode_is_refused(gateway: Gateway) -> None:
+    code, body, _ = await gateway.submit(headers=auth() | {"X-Webhook-URL": "https://8.8.8.8/h", "X-Webhook-Mode": "often"})
+
+    assert (code, body["message"]) == (400, "X-Webhook-Mode must be terminal or sync")
+
+
+async def test_delivery_checks_the_address_it_connects_to(start_gateway, tmp_path) -> None:
+    """A target accepted once (as if DNS said public) but resolving to loopback at delivery is never contacted."""
+    gateway = await start_gateway(policies_dir=policies_with(tmp_path, webhooks=FAST))
+    async with Receiver() as receiver:
+        port = receiver.url().split(":")[2].split("/")[0]
+        _, body, _ = await gateway.submit()
+        with sqlite3.connect(gateway.services.config.db_path) as db:  # as a rebinding name would have got through
+            db.execute("UPDATE handles SET webhook_url = ?, webhook_mode = 'terminal' WHERE id = ?",
+                       (f"http://localhost:{port}/hook", body["request_id"]))
+        await wait_for_status(gateway, body["request_id"], {"COMPLETED"})
+        await until(lambda: outbox(gateway) and outbox(gateway)[0][1] == "failed")
+
+    assert receiver.calls == []
+    assert outbox(gateway)[0][3].startswith("blocked") or "non-public" in outbox(gateway)[0][3]
