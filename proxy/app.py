@@ -26,6 +26,7 @@ from .clock import Clock
 from .config import Config, Secret
 from .errors import error_middleware
 from .idempotency import Idempotency
+from .media import MediaStore
 from .forward import Forward, Record
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -91,7 +92,10 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
             Forward(upstream, config.base_url),
         ]
     )
-    refresher = StatusRefresher(store, upstream, Settler(store, catalog, pricer, rules), config.status_refresh_seconds)
+    media = MediaStore(cache_rules.media_directory, max_bytes=cache_rules.media_max_bytes, public_url=config.base_url,
+                       allow_private=config.probe_allow_private) if cache_rules.keep_media else None
+    settler = Settler(store, catalog, pricer, rules, media)
+    refresher = StatusRefresher(store, upstream, settler, config.status_refresh_seconds)
     sweeper = Sweeper(store, refresher, rules, clock)
     tracker = Tracker(store, refresher, config.status_refresh_seconds, config.tracker_concurrency)
     sender = WebhookSender(store, delivery_rules, metrics, allow_private=config.webhook_allow_private)
@@ -121,7 +125,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         await store.close()
 
     async def open_clients(app: web.Application) -> AsyncIterator[None]:
-        clients = (upstream, prober, alerts, sender)
+        clients = (upstream, prober, alerts, sender, *((media,) if media else ()))
         for client in clients:
             await client.start()
         yield
@@ -148,6 +152,8 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     app.cleanup_ctx.extend([*contexts, open_store, open_clients, run_background])
     add_routes(app, services)
     add_admin_routes(app)
+    if media is not None:
+        app.router.add_get("/media/{name}", media.serve)
     return app
 
 

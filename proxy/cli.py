@@ -341,11 +341,15 @@ def _token_mint(args: argparse.Namespace) -> int:
 
 def _policies_check(args: argparse.Namespace) -> int:
     from .budget import load_budget_rules
+    from .cache import load_cache_rules
     from .catalog import load_catalog
+    from .webhooks import load_delivery_rules
 
     directory = args.dir or Path(os.environ.get("PROXY_POLICIES") or "policies")
     catalog = load_catalog(directory)
     rules = load_budget_rules(directory)
+    load_cache_rules(directory)
+    load_delivery_rules(directory)
     wallet = f"global cap ${micros_to_usd(rules.global_limit_micros)} per {rules.global_period}" \
         if rules.global_limit_micros is not None else "no global cap"
     print(f"{directory}: ok ({len(catalog.models)} models: {', '.join(catalog.models)}; {wallet})")

@@ -11,6 +11,7 @@ the basis saying so.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 from .catalog import ModelSpec, Pricing
 from .pipeline import Policy, SubmitContext
-from .probe import MediaInfo, MediaProber
+from .probe import MediaInfo, MediaProber, read_media_info
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +78,18 @@ class Pricer:
                 seconds, basis = pricing.max_seconds, FROM_POLICY_MAX
         return Estimate(price(pricing, seconds, resolution), seconds, resolution, basis, exact)
 
-    async def actual(self, model: ModelSpec, reserved: Estimate, output: dict[str, Any] | None) -> Estimate:
-        """The cost of a COMPLETED job."""
+    async def actual(self, model: ModelSpec, reserved: Estimate, output: dict[str, Any] | None,
+                     output_bytes: bytes | None = None) -> Estimate:
+        """The cost of a COMPLETED job (``output_bytes``: its first file, when already downloaded)."""
         if reserved.exact:
             return reserved
         urls = (output or {}).get("media_url") or []
-        info = await self.prober.probe(urls[0]) if self.prober and urls and isinstance(urls[0], str) else None
+        if output_bytes is not None:
+            info = await asyncio.to_thread(read_media_info, output_bytes)
+        elif self.prober and urls and isinstance(urls[0], str):
+            info = await self.prober.probe(urls[0])
+        else:
+            info = None
         if info is None:
             logger.warning("output of a %s job could not be read; charging the reserved figure", model.id)
             return Estimate(reserved.amount_micros, reserved.seconds, reserved.resolution, FROM_RESERVATION, False)

@@ -10,9 +10,11 @@ status, and only to a reservation still open, so it happens exactly once.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from .budget import BudgetRules
 from .catalog import Catalog
+from .media import MediaStore
 from .pricing import FROM_PARAMS, FROM_RESERVATION, Estimate, Pricer
 from .store import TERMINAL_STATUSES, Decision, JobUpdate, Reservation, Store
 
@@ -20,22 +22,28 @@ logger = logging.getLogger(__name__)
 
 
 class Settler:
-    def __init__(self, store: Store, catalog: Catalog, pricer: Pricer, rules: BudgetRules) -> None:
+    def __init__(self, store: Store, catalog: Catalog, pricer: Pricer, rules: BudgetRules,
+                 media: MediaStore | None = None) -> None:
         self.store = store
         self.catalog = catalog
         self.pricer = pricer
         self.rules = rules
+        self.media = media
 
     async def apply(self, job_id: int, update: JobUpdate) -> bool:
         """Record ``update``; a terminal one settles or releases the job's money with it."""
         decision = None
+        output_bytes = None
+        if update.status == "COMPLETED" and self.media is not None:
+            output, output_bytes = await self.media.keep(update.output)
+            update = replace(update, output=output)
         if update.status in TERMINAL_STATUSES:
             reservation = await self.store.reservation(job_id)
             if reservation is not None and reservation.state == "open":
-                decision = await self.decide(reservation, update)
+                decision = await self.decide(reservation, update, output_bytes)
         return await self.store.update_job(job_id, update, decision)
 
-    async def decide(self, reservation: Reservation, update: JobUpdate) -> Decision:
+    async def decide(self, reservation: Reservation, update: JobUpdate, output_bytes: bytes | None = None) -> Decision:
         if update.status == "ERROR":
             return Decision.release("ERROR: not charged, as the upstream documents", reservation.seconds,
                                     reservation.resolution)
@@ -47,7 +55,7 @@ class Settler:
         model = self.catalog.models.get(reservation.model)
         reserved = Estimate(reservation.amount_micros, reservation.seconds, reservation.resolution,
                             reservation.basis, reservation.basis == FROM_PARAMS)
-        actual = await self.pricer.actual(model, reserved, update.output) if model else reserved
+        actual = await self.pricer.actual(model, reserved, update.output, output_bytes) if model else reserved
         if actual.amount_micros > reservation.amount_micros:
             logger.warning("job of %s cost %d micro-USD, more than the %d reserved", reservation.handle,
                            actual.amount_micros, reservation.amount_micros)

@@ -130,3 +130,28 @@ def test_budget_policy_mistakes_name_file_and_key(tmp_path: Path, old: str, new:
         load_budget_rules(directory)
 
     assert str(caught.value) == f"{directory / 'budgets.toml'}: {where}"
+
+
+@pytest.mark.parametrize(("file", "old", "new", "where"), [
+    ("cache.toml", 'scope = "team"', 'scope = "world"', 'dedup.scope: must be one of "team", "global"'),
+    ("cache.toml", "keep_copies = false", "keep_copy = false", "media.keep_copy: unknown key"),
+    ("webhooks.toml", "retry_schedule_seconds = [5,", 'retry_schedule_seconds = ["5",', 
+     "delivery.retry_schedule_seconds: must be a list of waits in seconds, each at least 0"),
+    ("webhooks.toml", "concurrency = 8", "concurrency = 0", "delivery.concurrency: must be at least 1"),
+])
+def test_cache_and_webhook_policy_mistakes_name_file_and_key(tmp_path: Path, file: str, old: str, new: str,
+                                                            where: str) -> None:
+    from proxy.cache import load_cache_rules
+    from proxy.webhooks import load_delivery_rules
+
+    directory = tmp_path / "policies"
+    shutil.copytree(POLICIES, directory)
+    text = (directory / file).read_text()
+    assert old in text
+    (directory / file).write_text(text.replace(old, new, 1))
+    loader = load_cache_rules if file == "cache.toml" else load_delivery_rules
+
+    with pytest.raises(PolicyError) as caught:
+        loader(directory)
+
+    assert str(caught.value) == f"{directory / file}: {where}"
