@@ -95,13 +95,12 @@ async def test_terminal_mode_delivers_exactly_once_with_the_gateways_handle(hook
 
 
 async def test_sync_mode_delivers_every_status_change(hooked: Gateway, simulator: Simulator) -> None:
-    simulator.settings.queued_seconds, simulator.settings.processing_seconds = 0.15, 0.3
-    simulator.queue_outcomes("FAILED")
+    simulator.queue_outcomes("STUCK")  # held in PROCESSING until the test ends it: no race with the clock
     async with Receiver() as receiver:
         _, body, _ = await hooked.submit(headers=auth() | {"X-Webhook-URL": receiver.url(), "X-Webhook-Mode": "sync"})
-        for _ in range(60):  # a client polling keeps the gateway's view fresh
-            await hooked.status(body["request_id"])
-            await asyncio.sleep(0.02)
+        await wait_for_status(hooked, body["request_id"], {"PROCESSING"})
+        simulator.finish(next(iter(simulator.jobs)), "FAILED")
+        await wait_for_status(hooked, body["request_id"], {"FAILED"})
         await until(lambda: len(receiver.calls) == 3)
 
     assert [d["status"] for d in receiver.delivered()] == ["QUEUED", "PROCESSING", "FAILED"]
