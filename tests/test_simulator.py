@@ -102,7 +102,7 @@ async def test_terminal_webhook_fires_exactly_once(simulator: Simulator) -> None
     server = await start_receiver(receiver)
     try:
         _, body = await submit(simulator, {"prompt": "p"}, {"X-Webhook-URL": str(server.make_url("/hook"))})
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.8)
     finally:
         await server.close()
 
@@ -111,13 +111,14 @@ async def test_terminal_webhook_fires_exactly_once(simulator: Simulator) -> None
 
 
 async def test_sync_webhook_fires_on_each_change_and_retries_failures(simulator: Simulator) -> None:
+    simulator.settings.processing_seconds = 0.6  # room for the retried QUEUED delivery before PROCESSING ends
     simulator.queue_outcomes("ERROR")
     receiver = Receiver(fail=1)
     server = await start_receiver(receiver)
     try:
         _, body = await submit(simulator, {"prompt": "p"},
                                {"X-Webhook-URL": str(server.make_url("/hook")), "X-Webhook-Mode": "sync"})
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(1.2)
     finally:
         await server.close()
 
