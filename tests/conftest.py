@@ -209,6 +209,14 @@ async def gateway(start_gateway: GatewayFactory) -> Gateway:
     return await start_gateway()
 
 
+async def until(check: Callable[[], Any], timeout: float = 5.0) -> None:
+    """Wait until ``check()`` is true, or fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
 async def wait_for_status(gateway: Gateway, handle: str, wanted: set[str], headers: dict[str, str] | None = None,
                           timeout: float = 5.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout

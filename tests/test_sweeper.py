@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import requests
 from proxy.simulator import Fault, Simulator
 from proxy.store.sqlite import SQLiteStore
 from proxy.sweeper import ORPHAN_NOTE, STALE_ERROR
-from tests.conftest import TEXT_PATH, auth, free_port, ledger_mismatches, policies_with
+from tests.conftest import until, TEXT_PATH, auth, free_port, ledger_mismatches, policies_with
 from tests.processes import GatewayProcess
 
 FAST_SWEEP = """
@@ -22,12 +21,6 @@ sweeper: interval_seconds = 0.1
 sweeper: orphan_submit_seconds = 0.3
 """
 
-
-async def eventually(check, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 def rows(db: Path, sql: str) -> list[tuple]:
@@ -39,7 +32,7 @@ async def test_a_job_nobody_polls_still_settles(start_gateway, tmp_path: Path) -
     gateway = await start_gateway(policies_dir=policies_with(tmp_path, FAST_SWEEP))
 
     assert (await gateway.submit())[0] == 202
-    await eventually(lambda: [r[0] for r in gateway.ledger_rows("kind")] == ["reserve", "settle"])
+    await until(lambda: [r[0] for r in gateway.ledger_rows("kind")] == ["reserve", "settle"])
 
     assert [row[1:] for row in gateway.totals()] == [(420_000, 0, 0)]
 
@@ -50,7 +43,7 @@ async def test_a_job_that_never_ends_is_resolved_after_the_stale_timeout(start_g
     simulator.queue_outcomes("STUCK")
     _, body, _ = await gateway.submit()
 
-    await eventually(lambda: gateway.ledger_rows("kind")[-1] == ("release",))
+    await until(lambda: gateway.ledger_rows("kind")[-1] == ("release",))
 
     code, status = await gateway.status(body["request_id"])
     assert (code, status["status"], status["error"]) == (200, "ERROR", STALE_ERROR)
@@ -85,7 +78,7 @@ async def _crash_mid_submit(tmp_path: Path, upstream: str, policies: Path) -> Pa
     sender = asyncio.create_task(asyncio.to_thread(
         lambda: requests.post(gateway.url + TEXT_PATH, json={"prompt": "p"}, headers=auth(), timeout=30)))
     try:
-        await eventually(lambda: rows(db, "SELECT status FROM jobs") == [("SUBMITTING",)])
+        await until(lambda: rows(db, "SELECT status FROM jobs") == [("SUBMITTING",)])
     finally:
         gateway.kill()
     with pytest.raises(requests.ConnectionError):
@@ -97,7 +90,7 @@ async def _crash_mid_submit(tmp_path: Path, upstream: str, policies: Path) -> Pa
 async def _restart_and_expect_release(db: Path, upstream: str, policies: Path) -> None:
     gateway = GatewayProcess(db, upstream, policies).start()
     try:
-        await eventually(lambda: rows(db, "SELECT state FROM reservations") == [("released",)])
+        await until(lambda: rows(db, "SELECT state FROM reservations") == [("released",)])
     finally:
         gateway.stop()
     assert rows(db, "SELECT kind, reserved_delta, spent_delta, note FROM ledger ORDER BY id") == [

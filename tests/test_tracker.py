@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 
 from proxy.simulator import Fault, Simulator
-from tests.conftest import Gateway
+from tests.conftest import until, Gateway
 
 
 def job_states(gateway: Gateway) -> list[tuple[str, str | None]]:
     with sqlite3.connect(gateway.services.config.db_path) as db:
         return db.execute("SELECT j.status, r.state FROM jobs j LEFT JOIN reservations r ON r.job_id = j.id").fetchall()
 
-
-async def until(check, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_job_nobody_polls_is_followed_to_its_end_and_settled(start_gateway) -> None:

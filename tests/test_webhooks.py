@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.simulator import Simulator
-from tests.conftest import TEXT_PATH, Gateway, auth, free_port, make_token, policies_with, wait_for_status
+from tests.conftest import until, TEXT_PATH, Gateway, auth, free_port, make_token, policies_with, wait_for_status
 
 FAST = """
 delivery: poll_seconds = 0.05
@@ -74,12 +74,6 @@ def outbox(gateway: Gateway) -> list[tuple[str, str, int, str | None]]:
     with sqlite3.connect(gateway.services.config.db_path) as db:
         return db.execute("SELECT status, state, attempts, last_error FROM outbox ORDER BY id").fetchall()
 
-
-async def until(check, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_terminal_mode_delivers_exactly_once_with_the_gateways_handle(hooked: Gateway) -> None:
