@@ -19,6 +19,7 @@ from .auth import Principal
 from .budget import period_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .money import micros_to_usd, usd_to_micros
+from .observe import TEAM
 from .views import status_body
 from .services import SERVICES, Services
 from .store import PERIODS, LedgerEntry, Team, TeamExists, UnknownTeam
@@ -39,6 +40,7 @@ _NULLABLE = {"user_cap_usd", "max_concurrent_jobs", "max_submits_per_minute"}
 async def _admin(request: web.Request) -> tuple[Services, Principal]:
     services = request.app[SERVICES]
     principal = await services.authenticator.authenticate(request.headers)
+    request[TEAM] = principal.team
     if not principal.admin:
         raise Forbidden("This route needs an admin token")
     return services, principal

@@ -19,7 +19,7 @@ from aiohttp import web
 from .admin import add_admin_routes
 from .alerts import Alerts
 from .auth import Authenticate, Authenticator
-from .budget import Budget, load_budget_rules
+from .budget import Budget, load_budget_rules, period_key
 from .cache import Dedup, load_cache_rules
 from .catalog import Catalog, load_catalog
 from .clock import Clock
@@ -28,7 +28,8 @@ from .errors import error_middleware
 from .idempotency import Idempotency
 from .media import MediaStore
 from .forward import Forward, Record
-from .metrics import Metrics
+from .metrics import Metrics, metrics_handler
+from .observe import observe_middleware
 from .pipeline import Pipeline
 from .pricing import Price, Pricer
 from .probe import MediaProber
@@ -66,17 +67,20 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         contexts.append(simulator_context)
 
     store = SQLiteStore(config.db_path)
+    metrics = Metrics()
+    metrics.policy_loaded.set_to_current_time()
+    metrics.policy_models.set(len(catalog.models))
     upstream = Upstream(
         config.upstream_url,
         config.upstream_key,
         timeout=config.upstream_timeout,
         connect_timeout=config.upstream_connect_timeout,
+        metrics=metrics,
     )
     authenticator = Authenticator(config, store)
     prober = MediaProber(max_bytes=rules.probe_max_bytes, timeout=rules.probe_timeout_seconds,
                          allow_private=config.probe_allow_private)
     pricer = Pricer(prober)
-    metrics = Metrics()
     alerts = Alerts(metrics, config.alert_webhook_url)
     pipeline = Pipeline(
         [
@@ -94,10 +98,17 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     )
     media = MediaStore(cache_rules.media_directory, max_bytes=cache_rules.media_max_bytes, public_url=config.base_url,
                        allow_private=config.probe_allow_private) if cache_rules.keep_media else None
-    settler = Settler(store, catalog, pricer, rules, media)
+    settler = Settler(store, catalog, pricer, rules, media, metrics)
     refresher = StatusRefresher(store, upstream, settler, config.status_refresh_seconds)
     sweeper = Sweeper(store, refresher, rules, clock)
-    tracker = Tracker(store, refresher, config.status_refresh_seconds, config.tracker_concurrency)
+    tracker = Tracker(store, refresher, config.status_refresh_seconds, config.tracker_concurrency, metrics)
+
+    async def store_figures() -> dict[str, list[tuple[dict[str, str], float]]]:
+        now = clock.now()
+        keys = {team.name: period_key(team.period, now) for team in await store.list_teams()}
+        return await store.metric_figures(keys)
+
+    metrics.watch_store(store_figures)
     sender = WebhookSender(store, delivery_rules, metrics, allow_private=config.webhook_allow_private)
     services = Services(
         config=config,
@@ -143,18 +154,36 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
                 await task
 
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[observe_middleware(metrics), error_middleware],
         client_max_size=config.max_body_bytes,
         # Room for a token up to the configured limit, so an oversized one gets our 401, not the parser's 400.
         handler_args={"max_field_size": config.max_token_bytes + 1024},
     )
     app[SERVICES] = services
     app.cleanup_ctx.extend([*contexts, open_store, open_clients, run_background])
+    if config.metrics_port:
+        app.cleanup_ctx.append(_metrics_site(metrics, config.host, config.metrics_port))
     add_routes(app, services)
     add_admin_routes(app)
     if media is not None:
         app.router.add_get("/media/{name}", media.serve)
     return app
+
+
+def _metrics_site(metrics: Metrics, host: str, port: int) -> Context:
+    """``/metrics`` on a port of its own, for scrapers kept off the client port."""
+
+    async def serve(app: web.Application) -> AsyncIterator[None]:
+        metrics_app = web.Application()
+        metrics_app.router.add_get("/metrics", metrics_handler(metrics))
+        runner = web.AppRunner(metrics_app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        logger.info("metrics on http://%s:%d/metrics", host, port)
+        yield
+        await runner.cleanup()
+
+    return serve
 
 
 def _in_process_simulator(config: Config, catalog: Catalog) -> tuple[Config, Context]:

@@ -152,7 +152,6 @@ class Dedup(Policy):
         now = self.clock.now()
         saving = Saving(period_key(ctx.team.period, now), period_key(self.global_period, now))
         saved = await self.store.attach_handle(submission_for(ctx, cache=ctx.cache), job_id, saving)
-        self.metrics.cache_saved.labels(team=ctx.team.name).inc(saved / 1_000_000)
         ctx.response_headers["X-Proxy-Saved-USD"] = micros_to_usd(saved)
         ctx.response = web.json_response(
             {"request_id": ctx.handle, "status": status, "polling_url": f"{self.public_url}{STATUS_PATH}{ctx.handle}"},

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, load_config
+from .logs import configure_logging
 from .money import micros_to_usd, usd_to_micros
 from .policyfile import PolicyError
 from .clock import Clock
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", help="Pixazo base URL (PIXAZO_UPSTREAM_URL, default https://gateway.pixazo.ai)")
     serve.add_argument("--db", help="SQLite database path (PROXY_DB, default pixazo-proxy.db)")
     serve.add_argument("--policies", type=Path, help="policy directory (PROXY_POLICIES, default ./policies)")
+    serve.add_argument("--metrics-port", type=int, help="also serve /metrics on this port (PROXY_METRICS_PORT)")
     serve.add_argument("--simulate", action="store_true", default=None,
                        help="run the Pixazo simulator in-process as the upstream (PROXY_SIMULATE=1)")
     serve.set_defaults(run=_serve)
@@ -117,10 +119,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -134,14 +132,18 @@ def _serve(args: argparse.Namespace) -> int:
         db_path=args.db,
         policies_dir=args.policies,
         simulate=args.simulate,
+        metrics_port=args.metrics_port,
     )
-    _configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     app = build_app(config)
     logger.info(
         "pixazo-proxy listening on %s (upstream: %s)", config.base_url,
         "in-process simulator" if config.simulate else config.upstream_url,
     )
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=logging.getLogger("proxy.access"))
+    # SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to 30 s), then run the
+    # cleanup contexts: background tasks stop, clients close, the store closes last.
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None, shutdown_timeout=30)
+    logger.info("pixazo-proxy stopped", extra={"event": "shutdown"})
     return 0
 
 

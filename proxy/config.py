@@ -77,6 +77,8 @@ class Config:
     probe_allow_private: bool = False
     tracker_concurrency: int = 8
     webhook_allow_private: bool = False
+    log_format: str = "json"
+    metrics_port: int = 0
     alert_webhook_url: str = ""
 
     @property
@@ -145,6 +147,8 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "probe_allow_private": ("PROXY_PROBE_ALLOW_PRIVATE", _bool),
     "tracker_concurrency": ("PROXY_TRACKER_CONCURRENCY", _int),
     "webhook_allow_private": ("PROXY_WEBHOOK_ALLOW_PRIVATE", _bool),
+    "log_format": ("PROXY_LOG_FORMAT", lambda v: v.strip().lower()),
+    "metrics_port": ("PROXY_METRICS_PORT", _int),
     "alert_webhook_url": ("PROXY_ALERT_WEBHOOK_URL", _text),
 }
 
@@ -212,5 +216,9 @@ def check_config(config: Config) -> None:
         raise ConfigError("PROXY_TRACKER_CONCURRENCY must be at least 1")
     if config.max_token_bytes < 256:
         raise ConfigError("PROXY_MAX_TOKEN_BYTES must be at least 256")
+    if config.log_format not in ("json", "text"):
+        raise ConfigError("PROXY_LOG_FORMAT must be json or text")
+    if not 0 <= config.metrics_port <= 65535:
+        raise ConfigError("PROXY_METRICS_PORT must be between 0 and 65535")
     if config.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ConfigError("PROXY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .observe import CACHE, HANDLE
+
 if TYPE_CHECKING:
     from .auth import Principal
     from .budget import Hold
@@ -93,4 +95,8 @@ class Pipeline:
             raise
         for name, value in ctx.response_headers.items():
             ctx.response.headers[name] = value
+        if ctx.handle is not None:
+            ctx.request[HANDLE] = ctx.handle
+        if ctx.fingerprint is not None:
+            ctx.request[CACHE] = ctx.cache
         return ctx.response

@@ -10,6 +10,7 @@ from aiohttp import web
 from .catalog import ModelSpec
 from .errors import ModelNotFound, NotFound
 from .metrics import metrics_handler
+from .observe import HANDLE, MODEL, TEAM
 from .pipeline import SubmitContext
 from .services import SERVICES, Services
 from .views import status_body
@@ -22,6 +23,7 @@ MAX_HANDLE_LENGTH = 200
 def submit_handler(model: ModelSpec) -> Any:
     async def submit(request: web.Request) -> web.StreamResponse:
         services = request.app[SERVICES]
+        request[MODEL] = model.id
         return await services.pipeline.run(SubmitContext(request=request, model=model))
 
     return submit
@@ -29,17 +31,20 @@ def submit_handler(model: ModelSpec) -> Any:
 
 async def unknown_model(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
-    await services.authenticator.authenticate(request.headers)
+    request[MODEL] = "unknown"
+    request[TEAM] = (await services.authenticator.authenticate(request.headers)).team
     raise ModelNotFound(request.match_info["model_id"][:MAX_HANDLE_LENGTH])
 
 
 async def request_status(request: web.Request) -> web.StreamResponse:
     services: Services = request.app[SERVICES]
     principal = await services.authenticator.authenticate(request.headers)
+    request[TEAM] = principal.team
     handle = request.match_info["request_id"]
     view = await services.store.get_handle(handle) if len(handle) <= MAX_HANDLE_LENGTH else None
     if view is None or (view.team != principal.team and not principal.admin):
         raise NotFound("Request not found")
+    request[HANDLE], request[MODEL] = view.handle, view.model
     view = await services.refresher.current(view)
     return web.json_response(status_body(view))
 

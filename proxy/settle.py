@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from .budget import BudgetRules
 from .catalog import Catalog
 from .media import MediaStore
+from .metrics import Metrics
 from .pricing import FROM_PARAMS, FROM_RESERVATION, Estimate, Pricer
 from .store import TERMINAL_STATUSES, Decision, JobUpdate, Reservation, Store
 
@@ -23,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 class Settler:
     def __init__(self, store: Store, catalog: Catalog, pricer: Pricer, rules: BudgetRules,
-                 media: MediaStore | None = None) -> None:
+                 media: MediaStore | None = None, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
         self.store = store
         self.catalog = catalog
         self.pricer = pricer
@@ -37,11 +40,21 @@ class Settler:
         if update.status == "COMPLETED" and self.media is not None:
             output, output_bytes = await self.media.keep(update.output)
             update = replace(update, output=output)
+        reservation = None
         if update.status in TERMINAL_STATUSES:
             reservation = await self.store.reservation(job_id)
             if reservation is not None and reservation.state == "open":
                 decision = await self.decide(reservation, update, output_bytes)
-        return await self.store.update_job(job_id, update, decision)
+        applied = await self.store.update_job(job_id, update, decision)
+        if applied and reservation is not None and self.metrics is not None:
+            started = datetime.strptime(reservation.created_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            seconds = (datetime.now(UTC) - started).total_seconds()
+            self.metrics.job_duration.labels(model=reservation.model).observe(max(0.0, seconds))
+            logger.info("job of %s ended %s", reservation.handle, update.status,
+                        extra={"event": "job.finished", "handle": reservation.handle, "team": reservation.team,
+                               "model": reservation.model, "status": update.status,
+                               "duration_ms": round(seconds * 1000)})
+        return applied
 
     async def decide(self, reservation: Reservation, update: JobUpdate, output_bytes: bytes | None = None) -> Decision:
         if update.status == "ERROR":

@@ -17,6 +17,7 @@ import logging
 import random
 import time
 
+from .metrics import Metrics
 from .refresh import StatusRefresher
 from .store import Store
 
@@ -27,8 +28,10 @@ JITTER = 0.2
 
 
 class Tracker:
-    def __init__(self, store: Store, refresher: StatusRefresher, interval_seconds: float, concurrency: int = 8) -> None:
+    def __init__(self, store: Store, refresher: StatusRefresher, interval_seconds: float, concurrency: int = 8,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics
         self.refresher = refresher
         self.interval = interval_seconds
         self.semaphore = asyncio.Semaphore(concurrency)
@@ -52,6 +55,8 @@ class Tracker:
         jobs = await self.store.active_jobs()
         due = [(job_id, upstream_id) for job_id, upstream_id, checked_at in jobs if now - checked_at >= self.interval]
         self.lag_seconds = max([0.0] + [now - checked_at - self.interval for _, _, checked_at in jobs])
+        if self.metrics is not None:
+            self.metrics.tracker_lag.set(self.lag_seconds)
 
         async def follow(job_id: int, upstream_id: str) -> bool:
             async with self.semaphore:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -19,6 +20,7 @@ import aiohttp
 
 from .config import Secret
 from .errors import UpstreamRefused, UpstreamTimeout, UpstreamUnavailable
+from .metrics import Metrics, observe_upstream, status_class
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +33,10 @@ _MAX_ERROR_TEXT = 500
 class Upstream:
     """Client of the Pixazo gateway (or the simulator standing in for it)."""
 
-    def __init__(self, base_url: str, key: Secret, *, timeout: float, connect_timeout: float) -> None:
+    def __init__(self, base_url: str, key: Secret, *, timeout: float, connect_timeout: float,
+                 metrics: Metrics | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.metrics = metrics
         self._key = key
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -51,41 +55,51 @@ class Upstream:
 
     async def submit(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
         """POST a generate request; the upstream's 202 body (``request_id`` checked)."""
-        body = await self._call("POST", path, json=params)
+        body = await self._call("submit", "POST", path, json=params)
         if not isinstance(body.get("request_id"), str) or not body["request_id"]:
             raise UpstreamUnavailable("The upstream accepted the request but returned no request_id")
         return body
 
     async def status(self, upstream_id: str) -> dict[str, Any]:
         """GET the universal status of one upstream request (``status`` checked)."""
-        body = await self._call("GET", f"/v2/requests/status/{quote(upstream_id, safe='')}")
+        body = await self._call("status", "GET", f"/v2/requests/status/{quote(upstream_id, safe='')}")
         if body.get("status") not in UPSTREAM_STATUSES:
             raise UpstreamUnavailable("The upstream answered a status the gateway does not know")
         return body
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    async def _call(self, operation: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         assert self._session is not None, "upstream client is not started"
         url = self.base_url + path
+        started = time.perf_counter()
+        status: int | None = None
         try:
             async with self._session.request(method, url, **kwargs) as response:
+                status = response.status
                 text = await response.text(errors="replace")
                 if response.status >= 400:
+                    observe_upstream(self.metrics, operation, started, status, status_class(status))
                     raise self._refusal(response, text)
         except asyncio.TimeoutError:
-            logger.warning("upstream %s %s timed out", method, path)
+            observe_upstream(self.metrics, operation, started, status, "timeout")
+            logger.warning("upstream %s timed out", operation, extra={"event": "upstream.timeout", "path": path})
             raise UpstreamTimeout(
                 f"The upstream did not answer within {self._timeout.total:g} seconds"
             ) from None
         except aiohttp.ClientError as exc:
-            logger.warning("upstream %s %s failed: %s", method, path, type(exc).__name__)
+            observe_upstream(self.metrics, operation, started, status, "connect")
+            logger.warning("upstream %s failed: %s", operation, type(exc).__name__,
+                           extra={"event": "upstream.unreachable", "path": path})
             raise UpstreamUnavailable("The upstream could not be reached") from None
         try:
             body = json.loads(text)
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            logger.warning("upstream %s %s answered %d with a body that is not a JSON object", method, path, response.status)
+            observe_upstream(self.metrics, operation, started, status, "malformed")
+            logger.warning("upstream %s answered %d with a body that is not a JSON object", operation, status,
+                           extra={"event": "upstream.malformed", "path": path, "upstream_status": status})
             raise UpstreamUnavailable("The upstream answered with an unreadable body")
+        observe_upstream(self.metrics, operation, started, status, None)
         return body
 
     def _refusal(self, response: aiohttp.ClientResponse, text: str) -> UpstreamRefused:
@@ -102,7 +116,8 @@ class Upstream:
         if not message:
             message = f"The upstream answered HTTP {response.status}"
         level = logging.ERROR if response.status in (401, 403) else logging.WARNING
-        logger.log(level, "upstream refused %s %s with %d", response.method, response.url.path, response.status)
+        logger.log(level, "upstream refused %s %s with %d", response.method, response.url.path, response.status,
+                   extra={"event": "upstream.refused", "upstream_status": response.status})
         headers = {name: response.headers[name] for name in _PASSED_HEADERS if name in response.headers}
         return UpstreamRefused(
             self.scrub(message)[:_MAX_ERROR_TEXT],

@@ -315,6 +315,10 @@ class Store(Protocol):
 
     async def webhook_secret(self, team: str, *, rotate: bool = False) -> str: ...
 
+    async def metric_figures(self, period_keys: dict[str, str]) -> dict[str, list[tuple[dict[str, str], float]]]:
+        """Figures for /metrics read at scrape time (team -> current period key given)."""
+        ...
+
     async def ledger_mismatches(self) -> list[str]:
         """Every scope and period whose running totals differ from its ledger (empty when sound)."""
         ...

@@ -430,6 +430,39 @@ class SQLiteStore:
                            "charged_jobs": jobs, "saved_micros": saved})
         return report
 
+    async def metric_figures(self, period_keys: dict[str, str]) -> dict[str, list[tuple[dict[str, str], float]]]:
+        """The store-held figures /metrics exports (see ``proxy.metrics.STORE_METRICS``), in USD or counts."""
+        usd = 1_000_000
+        figures: dict[str, list[tuple[dict[str, str], float]]] = {}
+        figures["pixazo_proxy_spent_usd"] = [
+            ({"team": team, "model": model}, total / usd) for team, model, total in await self._read_all(
+                "SELECT team, model, SUM(spent_delta) FROM ledger WHERE kind = 'settle' GROUP BY team, model", ())]
+        figures["pixazo_proxy_reserved_usd"] = [
+            ({"team": team, "model": model}, total / usd) for team, model, total in await self._read_all(
+                "SELECT team, model, SUM(amount_micros) FROM reservations WHERE state = 'open' GROUP BY team, model", ())]
+        figures["pixazo_proxy_cache_saved_usd"] = [
+            ({"team": team}, total / usd) for team, total in await self._read_all(
+                "SELECT team, SUM(saved_micros) FROM ledger WHERE kind = 'saving' GROUP BY team", ())]
+        limits, used, remaining = [], [], []
+        for team, key in sorted(period_keys.items()):
+            view = await self.budget_view(team, key)
+            labels = {"team": team}
+            limits.append((labels, (view.limit_micros + view.credit_micros) / usd))
+            used.append((labels, (view.spent_micros + view.reserved_micros) / usd))
+            remaining.append((labels, view.remaining_micros / usd))
+        figures["pixazo_proxy_budget_limit_usd"] = limits
+        figures["pixazo_proxy_budget_used_usd"] = used
+        figures["pixazo_proxy_budget_remaining_usd"] = remaining
+        figures["pixazo_proxy_jobs_in_flight"] = [
+            ({"model": model, "status": status}, count) for model, status, count in await self._read_all(
+                "SELECT model, status, COUNT(*) FROM jobs WHERE status IN ('SUBMITTING', 'QUEUED', 'PROCESSING') "
+                "GROUP BY model, status", ())]
+        figures["pixazo_proxy_jobs_finished"] = [
+            ({"model": model, "status": status}, count) for model, status, count in await self._read_all(
+                f"SELECT model, status, COUNT(*) FROM jobs WHERE status IN {_TERMINAL} GROUP BY model, status", ())]
+        figures["pixazo_proxy_webhook_outbox_depth"] = [({}, await self.outbox_depth())]
+        return figures
+
     async def ledger_mismatches(self) -> list[str]:
         assert self._reader is not None, "store is not open"
         return await accounts.mismatches(self._reader)

@@ -1,0 +1,55 @@
+"""Logging: one event per line, JSON by default (``PROXY_LOG_FORMAT=text`` for a console).
+
+Modules log with ``logging.getLogger(__name__)`` and put structured fields in
+``extra`` (``event``, ``handle``, ``team``, ``model``, ``status``,
+``duration_ms``, ``upstream_status``...); the JSON formatter writes them as
+keys. Secrets are never passed to a logger: they live in
+:class:`~proxy.config.Secret`, whose text is asterisks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+
+FIELDS = ("event", "handle", "team", "user", "model", "status", "duration_ms", "upstream_status", "method", "route",
+          "path", "cache", "attempt", "outcome")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                line[name] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = " ".join(f"{name}={record.__dict__[name]}" for name in FIELDS
+                          if record.__dict__.get(name) is not None and name != "event")
+        return f"{text} [{fields}]" if fields else text
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # proxy.access writes one line per request

@@ -1,0 +1,57 @@
+"""The outermost middleware: request metrics and one structured access line per request."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from .metrics import Metrics, status_class, upstream_seconds
+
+access_logger = logging.getLogger("proxy.access")
+
+#: What handlers tell this middleware about the request they answered (all bounded values).
+TEAM = web.RequestKey("team", str)
+MODEL = web.RequestKey("model", str)
+HANDLE = web.RequestKey("handle", str)
+CACHE = web.RequestKey("cache", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def observe_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        spent: list[float] = []
+        token = upstream_seconds.set(spent)
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            upstream_seconds.reset(token)
+            elapsed = time.perf_counter() - started
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            team = request.get(TEAM, "")
+            metrics.requests.labels(route=route, model=request.get(MODEL, ""), team=team,
+                                    status_class=status_class(status)).inc()
+            metrics.request_duration.labels(route=route).observe(elapsed)
+            metrics.overhead.labels(route=route).observe(max(0.0, elapsed - sum(spent)))
+            if status == 402 and team:
+                metrics.budget_rejections.labels(team=team).inc()
+            access_logger.info(
+                "%s %s %d", request.method, route, status,
+                extra={"event": "http.request", "method": request.method, "route": route, "status": status,
+                       "duration_ms": round(elapsed * 1000, 3), "team": team or None,
+                       "handle": request.get(HANDLE), "cache": request.get(CACHE)},
+            )
+
+    return observe
