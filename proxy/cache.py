@@ -119,7 +119,7 @@ class Dedup(Policy):
         fp = fingerprint(ctx.model.id, ctx.params, ctx.principal.team if self.rules.scope == "team" else None)
         ctx.fingerprint = fp
         if bypasses(ctx.request.headers, self.rules.honor_no_cache):
-            ctx.cache = "BYPASS"
+            self._answered(ctx, "BYPASS")
             return
         for _ in range(CLAIM_ATTEMPTS):
             waiting = self.claims.get(fp)
@@ -131,7 +131,7 @@ class Dedup(Policy):
                 fresh_after = iso_utc(self.clock.now() - timedelta(seconds=self.rules.ttl_seconds))
                 found = await self.store.find_reusable(fp, fresh_after)
                 if found is None:
-                    ctx.cache = "MISS"
+                    self._answered(ctx, "MISS")
                     return
                 self._end_claim(ctx, result=found[0])
                 await self._attach(ctx, *found)
@@ -143,11 +143,16 @@ class Dedup(Policy):
             found = await self.store.find_reusable(fp, "")
             await self._attach(ctx, job_id, found[1] if found and found[0] == job_id else "QUEUED")
             return
-        ctx.cache = "MISS"
+        self._answered(ctx, "MISS")
+
+    def _answered(self, ctx: SubmitContext, result: str) -> None:
+        """How the cache answered, counted when decided (a request refused later still was a miss)."""
+        ctx.cache = result
+        self.metrics.cache_events.labels(result=result.lower()).inc()
 
     async def _attach(self, ctx: SubmitContext, job_id: int, status: str) -> None:
         assert ctx.team is not None
-        ctx.cache = "HIT" if status == "COMPLETED" else "COALESCED"
+        self._answered(ctx, "HIT" if status == "COMPLETED" else "COALESCED")
         ctx.handle = new_request_id(ctx.model.id)
         now = self.clock.now()
         saving = Saving(period_key(ctx.team.period, now), period_key(self.global_period, now))
@@ -163,7 +168,6 @@ class Dedup(Policy):
             self._end_claim(ctx, result=ctx.job_id)
         if ctx.fingerprint is not None:
             ctx.response_headers[CACHE_HEADER] = ctx.cache
-            self.metrics.cache_events.labels(result=ctx.cache.lower()).inc()
 
     async def on_failure(self, ctx: SubmitContext, error: BaseException) -> None:
         self._end_claim(ctx, error=error)

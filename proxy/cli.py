@@ -25,7 +25,7 @@ from .clock import Clock
 from .store import PERIODS, TeamExists, UnknownTeam
 from .store.sqlite import SQLiteStore
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("proxy.cli")  # a fixed name: under "python -m" __name__ is "__main__"
 
 
 class CommandError(Exception):

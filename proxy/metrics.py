@@ -63,7 +63,7 @@ class Metrics:
                                            "Upstream call latency by operation.", ["operation"],
                                            buckets=LATENCY_BUCKETS, registry=registry)
         self.upstream_errors = Counter("pixazo_proxy_upstream_errors_total",
-                                       "Failed upstream calls by kind (timeout, connect, malformed, 4xx, 5xx).",
+                                       "Failed upstream calls by kind (timeout, connect, malformed, 429, 4xx, 5xx).",
                                        ["operation", "kind"], registry=registry)
         self.budget_rejections = Counter("pixazo_proxy_budget_rejections_total",
                                          "Submits refused with 402 because a budget or cost cap would be passed.",

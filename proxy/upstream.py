@@ -77,7 +77,8 @@ class Upstream:
                 status = response.status
                 text = await response.text(errors="replace")
                 if response.status >= 400:
-                    observe_upstream(self.metrics, operation, started, status, status_class(status))
+                    kind = "429" if status == 429 else status_class(status)
+                    observe_upstream(self.metrics, operation, started, status, kind)
                     raise self._refusal(response, text)
         except asyncio.TimeoutError:
             observe_upstream(self.metrics, operation, started, status, "timeout")
