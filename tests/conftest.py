@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import shutil
 import socket
 import sqlite3
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import build_app
@@ -115,6 +117,45 @@ async def simulator(catalog: Catalog) -> AsyncIterator[Simulator]:
     sim.url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
     yield sim
     await server.close()
+
+
+class Receiver:
+    """A webhook endpoint on loopback: records every POST; fails the first ``fail`` with ``status``."""
+
+    def __init__(self, fail: int = 0, status: int = 500, headers: dict[str, str] | None = None) -> None:
+        self.fail, self.status, self.headers = fail, status, headers or {}
+        self.calls: list[tuple[dict[str, str], bytes, float]] = []
+        self.server: TestServer | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.calls.append((dict(request.headers), await request.read(), time.monotonic()))
+        if self.fail:
+            self.fail -= 1
+            return web.Response(status=self.status, headers=self.headers)
+        return web.Response(status=200)
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        self.calls.append((dict(request.headers), await request.read(), time.monotonic()))
+        raise web.HTTPFound(str(self.url("/hook")))
+
+    def url(self, path: str = "/hook") -> str:
+        assert self.server is not None
+        return str(self.server.make_url(path))
+
+    def delivered(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for headers, body, _ in self.calls]
+
+    async def __aenter__(self) -> Receiver:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        app.router.add_post("/moved", self.redirect)
+        self.server = TestServer(app, host="127.0.0.1", port=free_port())
+        await self.server.start_server()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        await self.server.close()
 
 
 _takes = itertools.count(1)  # default bodies differ, so separate submits are separate jobs, not cache hits

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-
 from proxy.simulator import Fault, Simulator
-from tests.conftest import TEXT_PATH, Gateway, auth, free_port, until, wait_for_status
+from tests.conftest import TEXT_PATH, Gateway, Receiver, auth, until, wait_for_status
 
 SCENARIO_TEAM = {"design": {"budget_limit_micros": 1_000_000, "soft_threshold_percent": 80}}
 
@@ -18,21 +15,11 @@ async def run_scenario(gateway: Gateway, simulator: Simulator) -> str:
     upstream (released), C: stuck PROCESSING ($0.42 reserved; usage reaches 84 %: one soft alert),
     D: refused 402 (only $0.16 left).
     """
-    received: list[bytes] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        received.append(await request.read())
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    receiver = TestServer(app, host="127.0.0.1", port=free_port())
-    await receiver.start_server()
-    try:
+    async with Receiver() as receiver:
         body_a = {"prompt": "scenario A"}
-        _, a, _ = await gateway.submit(TEXT_PATH, body_a, headers=auth() | {"X-Webhook-URL": str(receiver.make_url("/hook"))})
+        _, a, _ = await gateway.submit(TEXT_PATH, body_a, headers=auth() | {"X-Webhook-URL": receiver.url()})
         await wait_for_status(gateway, a["request_id"], {"COMPLETED"})
-        await until(lambda: len(received) == 1)
+        await until(lambda: len(receiver.calls) == 1)
         assert (await gateway.submit(TEXT_PATH, body_a))[2]["X-Proxy-Cache"] == "HIT"
         simulator.queue_outcomes("ERROR")
         _, b, _ = await gateway.submit(TEXT_PATH, {"prompt": "scenario B"})
@@ -43,6 +30,4 @@ async def run_scenario(gateway: Gateway, simulator: Simulator) -> str:
         _, c, _ = await gateway.submit(TEXT_PATH, {"prompt": "scenario C"})
         await wait_for_status(gateway, c["request_id"], {"PROCESSING"})
         assert (await gateway.submit(TEXT_PATH, {"prompt": "scenario D"}))[0] == 402
-    finally:
-        await receiver.close()
     return c["request_id"]

@@ -6,12 +6,9 @@ import logging
 from datetime import UTC, datetime
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-
 from proxy.budget import period_key
 from proxy.simulator import Simulator
-from tests.conftest import ManualClock, auth, free_port, wait_for_status
+from tests.conftest import ManualClock, Receiver, auth, wait_for_status
 
 
 @pytest.mark.parametrize(("period", "moment", "key"), [
@@ -52,24 +49,14 @@ async def test_a_job_in_flight_at_rollover_is_charged_to_the_period_it_was_reser
 async def test_the_soft_alert_fires_once_per_period_as_log_metric_and_webhook(
     start_gateway, simulator: Simulator, caplog: pytest.LogCaptureFixture
 ) -> None:
-    received: list[dict] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        received.append(await request.json())
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/alerts", hook)
-    receiver = TestServer(app, host="127.0.0.1", port=free_port())
-    await receiver.start_server()
     clock = ManualClock(datetime(2026, 11, 10, tzinfo=UTC))
-    gateway = await start_gateway(
-        teams={"design": {"budget_limit_micros": 1_000_000, "soft_threshold_percent": 50}},
-        clock=clock, alert_webhook_url=str(receiver.make_url("/alerts")),
-    )
-    try:
+    async with Receiver() as receiver:
+        gateway = await start_gateway(
+            teams={"design": {"budget_limit_micros": 1_000_000, "soft_threshold_percent": 50}},
+            clock=clock, alert_webhook_url=receiver.url(),
+        )
         assert (await gateway.submit())[0] == 202  # 42 %
-        assert received == []
+        assert receiver.calls == []
         assert (await gateway.submit(headers=auth() | {"X-Proxy-Dry-Run": "1"}))[0] == 200
         assert (await gateway.submit())[0] == 202  # 84 %: crosses 50 %
         assert (await gateway.submit())[0] == 402
@@ -77,10 +64,8 @@ async def test_the_soft_alert_fires_once_per_period_as_log_metric_and_webhook(
         assert (await gateway.submit())[0] == 202  # December: 42 %
         assert (await gateway.submit())[0] == 202  # December: 84 %, fires again for the new period
         await gateway.services.alerts.close()  # waits for deliveries in flight
-    finally:
-        await receiver.close()
 
-    assert received == [
+    assert receiver.delivered() == [
         {"alert": "budget_soft_limit", "team": "design", "period": "2026-11", "threshold_percent": 50,
          "used_usd": "0.84", "limit_usd": "1.00"},
         {"alert": "budget_soft_limit", "team": "design", "period": "2026-12", "threshold_percent": 50,

@@ -9,14 +9,13 @@ import hmac
 import json
 import sqlite3
 import time
-from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.simulator import Simulator
-from tests.conftest import until, TEXT_PATH, Gateway, auth, free_port, make_token, policies_with, wait_for_status
+from tests.conftest import TEXT_PATH, Gateway, Receiver, auth, free_port, make_token, policies_with, until, wait_for_status
 
 FAST = """
 delivery: poll_seconds = 0.05
@@ -24,45 +23,6 @@ delivery: retry_schedule_seconds = [0.05, 0.1, 0.1]
 delivery: timeout_seconds = 2
 """
 ADMIN = {"Authorization": f"Bearer {make_token(team='research', user='root', role='admin')}"}
-
-
-class Receiver:
-    """A webhook endpoint on loopback: records every POST; fails the first ``fail`` with ``status``."""
-
-    def __init__(self, fail: int = 0, status: int = 500, headers: dict[str, str] | None = None) -> None:
-        self.fail, self.status, self.headers = fail, status, headers or {}
-        self.calls: list[tuple[dict[str, str], bytes, float]] = []
-        self.server: TestServer | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.calls.append((dict(request.headers), await request.read(), time.monotonic()))
-        if self.fail:
-            self.fail -= 1
-            return web.Response(status=self.status, headers=self.headers)
-        return web.Response(status=200)
-
-    async def redirect(self, request: web.Request) -> web.Response:
-        self.calls.append((dict(request.headers), await request.read(), time.monotonic()))
-        raise web.HTTPFound(str(self.url("/hook")))
-
-    def url(self, path: str = "/hook") -> str:
-        assert self.server is not None
-        return str(self.server.make_url(path))
-
-    def delivered(self) -> list[dict[str, Any]]:
-        return [json.loads(body) for headers, body, _ in self.calls]
-
-    async def __aenter__(self) -> Receiver:
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        app.router.add_post("/moved", self.redirect)
-        self.server = TestServer(app, host="127.0.0.1", port=free_port())
-        await self.server.start_server()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        await self.server.close()
 
 
 @pytest.fixture
