@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import shutil
 import socket
 import sqlite3
@@ -74,6 +75,31 @@ async def ledger_mismatches(db: str | Path) -> list[str]:
         return await store.ledger_mismatches()
     finally:
         await store.close()
+
+
+_responses_seen: list[str] = []
+
+
+class RecordingResponse(aiohttp.ClientResponse):
+    """A client response that remembers what it carried, for the suite-wide leak scan."""
+
+    async def read(self) -> bytes:
+        body = await super().read()
+        _responses_seen.append(f"{self.status} {dict(self.headers)} {body.decode(errors='replace')}")
+        return body
+
+
+@pytest.fixture(autouse=True)
+def no_secret_leaks(caplog: pytest.LogCaptureFixture):
+    """Every test: nothing the gateway logged, and no response a gateway client read, holds a secret."""
+    caplog.set_level(logging.DEBUG)
+    _responses_seen.clear()
+    yield
+    records = [record for phase in ("setup", "call") for record in caplog.get_records(phase)]
+    captured = "\n".join(_responses_seen) + "\n".join(
+        f"{record.getMessage()} {record.exc_text or ''} {record.__dict__}" for record in records)
+    for secret in (UPSTREAM_KEY, JWT_SECRET):
+        assert secret not in captured, "a secret leaked into a response or a log line"
 
 
 def free_port() -> int:
@@ -235,7 +261,7 @@ async def start_gateway(tmp_path: Path, simulator: Simulator) -> AsyncIterator[G
         config: Config = load_config({}, **values)
         server = TestServer(build_app(config, clock=clock), host="127.0.0.1", port=port)
         await server.start_server()
-        session = aiohttp.ClientSession()
+        session = aiohttp.ClientSession(response_class=RecordingResponse)
         started.append((server, session))
         return Gateway(server, session)
 
