@@ -27,7 +27,9 @@ from .validate import check_content_type, parse_json
 
 logger = logging.getLogger(__name__)
 
-PERIOD_KEY = re.compile(r"^(total|\d{4}-\d{2}|\d{4}-W\d{2}|\d{4}-\d{2}-\d{2})$")
+PERIOD_KEY = re.compile(
+    r"^(total|\d{4}-(0[1-9]|1[0-2])|\d{4}-W(0[1-9]|[1-4]\d|5[0-3])|\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01]))$"
+)
 TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_PAGE = 1000
 

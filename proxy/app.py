@@ -30,6 +30,7 @@ from .media import MediaStore
 from .forward import Forward, Record
 from .metrics import Metrics, metrics_handler
 from .observe import observe_middleware
+from .openapi import build_openapi
 from .pipeline import Pipeline
 from .pricing import Price, Pricer
 from .probe import MediaProber
@@ -167,6 +168,12 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     add_admin_routes(app)
     if media is not None:
         app.router.add_get("/media/{name}", media.serve)
+    document = build_openapi(catalog, media=media is not None)
+
+    async def openapi(request: web.Request) -> web.StreamResponse:
+        return web.json_response(document)
+
+    app.router.add_get("/openapi.json", openapi)
     return app
 
 

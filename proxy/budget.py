@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from aiohttp import web
 
 from .clock import Clock
-from .errors import BadRequest, BudgetExceeded
+from .errors import BudgetExceeded
+from .headers import MAX_COST_HEADER, is_dry_run
 from .money import MICROS_PER_USD, micros_to_usd
 from .pipeline import Policy, SubmitContext
 from .policyfile import read_toml
@@ -29,8 +29,6 @@ from .store import PERIODS, BudgetView, Store
 logger = logging.getLogger(__name__)
 
 BUDGETS_FILE = "budgets.toml"
-MAX_COST_HEADER = "X-Max-Cost-USD"
-DRY_RUN_HEADER = "X-Proxy-Dry-Run"
 
 
 def period_key(period: str, moment: datetime) -> str:
@@ -103,16 +101,6 @@ class Hold:
     global_limit_micros: int | None
 
 
-def parse_cost_cap(value: str) -> int:
-    try:
-        amount = Decimal(value.strip())
-    except InvalidOperation:
-        raise BadRequest(f"{MAX_COST_HEADER} must be an amount in USD, e.g. 0.50") from None
-    if not amount.is_finite() or amount < 0:
-        raise BadRequest(f"{MAX_COST_HEADER} must be an amount of at least 0")
-    return int((amount * MICROS_PER_USD).to_integral_value(rounding="ROUND_FLOOR"))
-
-
 def budget_headers(estimate: Estimate, view: BudgetView) -> dict[str, str]:
     return {
         "X-Proxy-Estimate-USD": micros_to_usd(estimate.amount_micros),
@@ -134,11 +122,10 @@ class Budget(Policy):
     async def on_request(self, ctx: SubmitContext) -> None:
         assert ctx.estimate is not None and ctx.team is not None and ctx.principal is not None
         estimate = ctx.estimate
-        cap = ctx.request.headers.get(MAX_COST_HEADER)
-        if cap is not None and estimate.amount_micros > parse_cost_cap(cap):
+        if ctx.cost_cap is not None and estimate.amount_micros > ctx.cost_cap:
             raise BudgetExceeded(
                 f"This request is estimated at ${micros_to_usd(estimate.amount_micros)}, over the "
-                f"{MAX_COST_HEADER} of ${cap.strip()}",
+                f"{MAX_COST_HEADER} of ${ctx.request.headers[MAX_COST_HEADER].strip()}",
                 title="Cost Cap Exceeded",
             )
         now = self.clock.now()
@@ -148,7 +135,7 @@ class Budget(Policy):
             global_period_key=period_key(self.rules.global_period, now),
             global_limit_micros=self.rules.global_limit_micros,
         )
-        if ctx.request.headers.get(DRY_RUN_HEADER, "").strip().lower() in ("1", "true", "yes"):
+        if is_dry_run(ctx.request.headers):
             ctx.response = await self.quote(ctx)
 
     async def quote(self, ctx: SubmitContext) -> web.StreamResponse:

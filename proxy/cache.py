@@ -30,9 +30,10 @@ from typing import Any
 
 from aiohttp import web
 
-from .budget import DRY_RUN_HEADER, period_key
+from .budget import period_key
+from .headers import is_dry_run
 from .clock import Clock, iso_utc, new_request_id
-from .errors import BudgetExceeded, TooManyRequests
+from .errors import BadRequest, BudgetExceeded, TooManyRequests
 from .forward import STATUS_PATH, submission_for
 from .metrics import Metrics
 from .money import micros_to_usd
@@ -86,7 +87,10 @@ def fingerprint(model_id: str, params: dict[str, Any], team: str | None) -> str:
 
 
 def bypasses(headers: Any, honor_no_cache: bool) -> bool:
-    if headers.get(CACHE_HEADER, "").strip().lower() == "bypass":
+    asked = headers.get(CACHE_HEADER)
+    if asked is not None:
+        if asked.strip().lower() != "bypass":
+            raise BadRequest(f"{CACHE_HEADER} on a request may only be 'bypass'")
         return True
     directives = {part.strip().lower() for part in headers.get("Cache-Control", "").split(",")}
     return "no-store" in directives or (honor_no_cache and "no-cache" in directives)
@@ -114,7 +118,7 @@ class Dedup(Policy):
 
     async def on_request(self, ctx: SubmitContext) -> None:
         assert ctx.params is not None and ctx.principal is not None
-        if ctx.request.headers.get(DRY_RUN_HEADER, "").strip().lower() in ("1", "true", "yes"):
+        if is_dry_run(ctx.request.headers):
             return
         fp = fingerprint(ctx.model.id, ctx.params, ctx.principal.team if self.rules.scope == "team" else None)
         ctx.fingerprint = fp

@@ -20,7 +20,7 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from .budget import DRY_RUN_HEADER
+from .headers import is_dry_run
 from .clock import Clock, iso_utc
 from .errors import BadRequest, Conflict, UnprocessableContent
 from .forward import STATUS_PATH
@@ -54,7 +54,7 @@ class Idempotency(Policy):
 
     async def on_request(self, ctx: SubmitContext) -> None:
         raw = ctx.request.headers.get(HEADER)
-        if raw is None or ctx.request.headers.get(DRY_RUN_HEADER, "").strip().lower() in ("1", "true", "yes"):
+        if raw is None or is_dry_run(ctx.request.headers):
             return
         assert ctx.principal is not None and ctx.params is not None
         key = parse_key(raw)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 
 MICROS_PER_USD = 1_000_000
+#: The largest amount taken anywhere (a trillion dollars): sums stay far inside a 64-bit integer.
+MAX_MICROS = 10**18
 
 
 def usd_to_micros(text: str) -> int:
@@ -18,6 +20,8 @@ def usd_to_micros(text: str) -> int:
     micros = amount * MICROS_PER_USD
     if micros != micros.to_integral_value():
         raise ValueError(f"{text!r} is more precise than a micro-dollar")
+    if micros > MAX_MICROS:
+        raise ValueError(f"{text!r} is larger than the {MAX_MICROS // MICROS_PER_USD} USD the gateway handles")
     return int(micros)
 
 

@@ -43,6 +43,7 @@ class SubmitContext:
     params: dict[str, Any] | None = None
     estimate: Estimate | None = None
     hold: Hold | None = None
+    cost_cap: int | None = None
     fingerprint: str | None = None
     cache: str = "MISS"
     webhook_url: str | None = None

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from .errors import BadRequest, PayloadTooLarge
+from .headers import cost_cap, is_dry_run
 from .pipeline import Policy, SubmitContext
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def url_problem(value: Any) -> str | None:
         return "must be a URL string"
     if len(value) > MAX_URL_LENGTH:
         return f"is longer than {MAX_URL_LENGTH} characters"
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if any(ch.isspace() or ord(ch) < 32 or 127 <= ord(ch) <= 159 for ch in value):
         return "must not contain whitespace or control characters"
     try:
         parts = urlsplit(value)
@@ -45,6 +46,10 @@ def url_problem(value: Any) -> str | None:
         return "must be an http:// or https:// URL"
     if not host:
         return "must name a host"
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return "must name a valid host"
     return None
 
 
@@ -161,5 +166,7 @@ class Validate(Policy):
         self.max_body_bytes = max_body_bytes
 
     async def on_request(self, ctx: SubmitContext) -> None:
+        is_dry_run(ctx.request.headers)  # the gateway's own headers are checked before anything can answer
+        ctx.cost_cap = cost_cap(ctx.request.headers)
         body = await read_json_body(ctx.request, self.max_body_bytes)
         ctx.params = normalize(ctx.model, body)

@@ -107,7 +107,7 @@ async def check_target(url: str, *, allow_private: bool) -> None:
         answers = await asyncio.wait_for(
             loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_SECONDS
         )
-    except (OSError, asyncio.TimeoutError):
+    except (OSError, UnicodeError, asyncio.TimeoutError):
         raise BadRequest(f"{URL_HEADER} host {host} cannot be resolved") from None
     if not answers or any(not is_public_address(answer[4][0]) for answer in answers):
         raise BadRequest(f"{URL_HEADER} must point at a public address; {host} resolves to a private one")
