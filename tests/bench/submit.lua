@@ -1,0 +1,18 @@
+-- wrk script: one request per call, POST with a body no other request has (so the gateway's cache never answers)
+-- or GET when BENCH_METHOD is GET. BENCH_PATH, BENCH_KEY come from the environment.
+local method = os.getenv("BENCH_METHOD") or "POST"
+local path = os.getenv("BENCH_PATH")
+local counter = 0
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Ocp-Apim-Subscription-Key"] = os.getenv("BENCH_KEY")
+math.randomseed(os.time())
+local salt = math.random(1, 1000000000)
+
+request = function()
+  counter = counter + 1
+  if method == "GET" then
+    return wrk.format("GET", path)
+  end
+  local body = string.format('{"prompt": "benchmark %d-%d", "duration": %d}', salt, counter, 3 + counter % 8)
+  return wrk.format("POST", path, nil, body)
+end
