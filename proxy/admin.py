@@ -106,7 +106,9 @@ async def _team(services: Services, name: str) -> Team:
 
 
 def _period(request: web.Request, team: Team, services: Services) -> str:
-    key = request.query.get("period") or period_key(team.period, services.clock.now())
+    key = request.query.get("period")
+    if key is None:
+        key = period_key(team.period, services.clock.now())
     if not PERIOD_KEY.match(key):
         raise BadRequest("'period' must look like 2026-11, 2026-W48, 2026-11-24 or total")
     return key

@@ -159,10 +159,16 @@ class WebhookSender:
                 logger.exception("webhook delivery round failed")
             await asyncio.sleep(self.rules.poll_seconds)
 
-    async def deliver_due(self) -> int:
-        due = await self.store.due_deliveries(iso_utc())
-        await asyncio.gather(*(self._deliver(delivery) for delivery in due))
-        return len(due)
+    async def deliver_due(self, rounds: int = 10) -> int:
+        """Deliver what is due: one delivery per handle at a time, so each handle hears its statuses in order."""
+        total = 0
+        for _ in range(rounds):
+            due = await self.store.due_deliveries(iso_utc())
+            if not due:
+                break
+            await asyncio.gather(*(self._deliver(delivery) for delivery in due))
+            total += len(due)
+        return total
 
     async def _deliver(self, delivery: Delivery) -> None:
         async with self.semaphore:

@@ -61,6 +61,19 @@ async def test_sync_mode_delivers_every_status_change(hooked: Gateway, simulator
     assert receiver.delivered()[-1]["error"] == "Generation failed: the model could not produce a video for this request"
 
 
+async def test_a_handle_hears_in_order_even_across_retries(hooked: Gateway, simulator: Simulator) -> None:
+    simulator.queue_outcomes("STUCK")
+    async with Receiver(fail=2) as receiver:  # QUEUED fails twice; nothing later may overtake it
+        _, body, _ = await hooked.submit(headers=auth() | {"X-Webhook-URL": receiver.url(), "X-Webhook-Mode": "sync"})
+        await wait_for_status(hooked, body["request_id"], {"PROCESSING"})
+        simulator.finish(next(iter(simulator.jobs)), "FAILED")
+        await wait_for_status(hooked, body["request_id"], {"FAILED"})
+        await until(lambda: len(receiver.calls) == 5)
+
+    statuses = [json.loads(raw)["status"] for _, raw, _ in receiver.calls]
+    assert statuses == ["QUEUED", "QUEUED", "QUEUED", "PROCESSING", "FAILED"]
+
+
 async def test_a_failing_receiver_is_retried_with_the_same_id_until_it_recovers(hooked: Gateway) -> None:
     async with Receiver(fail=2) as receiver:
         _, body, _ = await hooked.submit(headers=auth() | {"X-Webhook-URL": receiver.url()})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import aiosqlite
+import sqlite3
 
 from ..errors import BudgetExceeded, TooManyRequests
 from ..money import micros_to_usd
@@ -35,20 +35,19 @@ def user_scope(team: str, user: str) -> str:
     return f"user:{team}/{user}"
 
 
-async def _one(db: aiosqlite.Connection, sql: str, params: tuple[Any, ...]) -> Any:
-    async with db.execute(sql, params) as cursor:
-        return await cursor.fetchone()
+def _one(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> Any:
+    return db.execute(sql, params).fetchone()
 
 
-async def ensure_totals(db: aiosqlite.Connection, scope: str, period_key: str) -> None:
-    await db.execute(
+def ensure_totals(db: sqlite3.Connection, scope: str, period_key: str) -> None:
+    db.execute(
         "INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (scope, period_key)
     )
 
 
-async def totals(db: aiosqlite.Connection, scope: str, period_key: str) -> tuple[int, int, int, bool]:
+def totals(db: sqlite3.Connection, scope: str, period_key: str) -> tuple[int, int, int, bool]:
     """(spent, reserved, credit, soft_alerted) of one scope and period; zeros when untouched."""
-    row = await _one(
+    row = _one(
         db,
         "SELECT spent_micros, reserved_micros, credit_micros, soft_alerted FROM budget_totals "
         "WHERE scope = ? AND period_key = ?",
@@ -57,8 +56,8 @@ async def totals(db: aiosqlite.Connection, scope: str, period_key: str) -> tuple
     return (row[0], row[1], row[2], bool(row[3])) if row else (0, 0, 0, False)
 
 
-async def budget_view(db: aiosqlite.Connection, team: Team, period_key: str) -> BudgetView:
-    spent, reserved, credit, _ = await totals(db, team_scope(team.name), period_key)
+def budget_view(db: sqlite3.Connection, team: Team, period_key: str) -> BudgetView:
+    spent, reserved, credit, _ = totals(db, team_scope(team.name), period_key)
     return BudgetView(team.name, period_key, team.budget_limit_micros, credit, spent, reserved)
 
 
@@ -82,10 +81,10 @@ def _refusal(who: str, team: Team, user: str, key: str, allowance: int, left: in
     return f"The gateway's global budget has ${micros_to_usd(left)} left of ${micros_to_usd(allowance)} ({key}){tail}"
 
 
-async def _check_concurrency(db: aiosqlite.Connection, team: Team) -> None:
+def _check_concurrency(db: sqlite3.Connection, team: Team) -> None:
     if team.max_concurrent_jobs is None:
         return
-    (running,) = await _one(db, "SELECT COUNT(*) FROM reservations WHERE team = ? AND state = 'open'", (team.name,))
+    (running,) = _one(db, "SELECT COUNT(*) FROM reservations WHERE team = ? AND state = 'open'", (team.name,))
     if running >= team.max_concurrent_jobs:
         raise TooManyRequests(
             f"Team '{team.name}' has {running} jobs running, its limit of concurrent jobs",
@@ -93,75 +92,75 @@ async def _check_concurrency(db: aiosqlite.Connection, team: Team) -> None:
         )
 
 
-async def refusal_for(db: aiosqlite.Connection, team: Team, user: str, hold: Hold) -> str | None:
+def refusal_for(db: sqlite3.Connection, team: Team, user: str, hold: Hold) -> str | None:
     """Why ``hold`` would be refused now (read only), or None."""
     try:
-        await _check_concurrency(db, team)
+        _check_concurrency(db, team)
     except TooManyRequests as exc:
         return exc.message
     amount = hold.estimate.amount_micros
     for scope, key, limit, who in _caps(team, user, hold):
         if limit is None:
             continue
-        spent, reserved, credit, _ = await totals(db, scope, key)
+        spent, reserved, credit, _ = totals(db, scope, key)
         if spent + reserved + amount > limit + credit:
             return _refusal(who, team, user, key, limit + credit, max(0, limit + credit - spent - reserved), amount)
     return None
 
 
-async def reserve(db: aiosqlite.Connection, *, team: Team, user: str, hold: Hold, job_id: int, handle: str,
+def reserve(db: sqlite3.Connection, *, team: Team, user: str, hold: Hold, job_id: int, handle: str,
                   model: str, now: str) -> tuple[BudgetView, SoftAlert | None]:
     """Hold ``hold``'s estimate against every cap, or raise (the caller's transaction then rolls back)."""
-    await _check_concurrency(db, team)
+    _check_concurrency(db, team)
     estimate = hold.estimate
     for scope, key, limit, who in _caps(team, user, hold):
-        await ensure_totals(db, scope, key)
+        ensure_totals(db, scope, key)
         if limit is None:
-            await db.execute(
+            db.execute(
                 "UPDATE budget_totals SET reserved_micros = reserved_micros + ? WHERE scope = ? AND period_key = ?",
                 (estimate.amount_micros, scope, key),
             )
             continue
-        cursor = await db.execute(
+        cursor = db.execute(
             "UPDATE budget_totals SET reserved_micros = reserved_micros + ? WHERE scope = ? AND period_key = ? "
             "AND spent_micros + reserved_micros + ? <= ? + credit_micros",
             (estimate.amount_micros, scope, key, estimate.amount_micros, limit),
         )
         if cursor.rowcount != 1:
-            spent, reserved, credit, _ = await totals(db, scope, key)
+            spent, reserved, credit, _ = totals(db, scope, key)
             allowance = limit + credit
             raise BudgetExceeded(_refusal(who, team, user, key, allowance, max(0, allowance - spent - reserved),
                                           estimate.amount_micros))
-    await db.execute(
+    db.execute(
         "INSERT INTO reservations (job_id, handle, team, user_id, model, period_key, global_period_key, amount_micros, "
         "seconds, resolution, basis, state, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?)",
         (job_id, handle, team.name, user, model, hold.period_key, hold.global_period_key, estimate.amount_micros,
          estimate.seconds, estimate.resolution, estimate.basis, now),
     )
-    await insert_ledger(db, at=now, kind="reserve", team=team.name, user_id=user, handle=handle, job_id=job_id,
+    insert_ledger(db, at=now, kind="reserve", team=team.name, user_id=user, handle=handle, job_id=job_id,
                         model=model, seconds=estimate.seconds, resolution=estimate.resolution,
                         period_key=hold.period_key, global_period_key=hold.global_period_key,
                         reserved_delta=estimate.amount_micros, basis=estimate.basis)
-    view = await budget_view(db, team, hold.period_key)
-    return view, await soft_alert(db, team, hold.period_key)
+    view = budget_view(db, team, hold.period_key)
+    return view, soft_alert(db, team, hold.period_key)
 
 
-async def soft_alert(db: aiosqlite.Connection, team: Team, period_key: str) -> SoftAlert | None:
+def soft_alert(db: sqlite3.Connection, team: Team, period_key: str) -> SoftAlert | None:
     """Mark and return the team's soft alert for the period the first time usage reaches the threshold."""
-    spent, reserved, credit, alerted = await totals(db, team_scope(team.name), period_key)
+    spent, reserved, credit, alerted = totals(db, team_scope(team.name), period_key)
     allowance = team.budget_limit_micros + credit
     if alerted or allowance <= 0 or (spent + reserved) * 100 < team.soft_threshold_percent * allowance:
         return None
-    await db.execute(
+    db.execute(
         "UPDATE budget_totals SET soft_alerted = 1 WHERE scope = ? AND period_key = ?",
         (team_scope(team.name), period_key),
     )
     return SoftAlert(team.name, period_key, team.soft_threshold_percent, spent + reserved, allowance)
 
 
-async def resolve(db: aiosqlite.Connection, job_id: int, decision: Decision, now: str) -> bool:
+def resolve(db: sqlite3.Connection, job_id: int, decision: Decision, now: str) -> bool:
     """End the job's open reservation as ``decision`` says; False if it had none open."""
-    row = await _one(
+    row = _one(
         db,
         "SELECT handle, team, user_id, model, period_key, global_period_key, amount_micros FROM reservations "
         "WHERE job_id = ? AND state = 'open'",
@@ -171,7 +170,7 @@ async def resolve(db: aiosqlite.Connection, job_id: int, decision: Decision, now
         return False
     handle, team, user, model, key, global_key, amount = row
     state = "settled" if decision.kind == "settle" else "released"
-    cursor = await db.execute(
+    cursor = db.execute(
         "UPDATE reservations SET state = ?, resolved_at = ?, note = ? WHERE job_id = ? AND state = 'open'",
         (state, now, decision.note, job_id),
     )
@@ -179,46 +178,46 @@ async def resolve(db: aiosqlite.Connection, job_id: int, decision: Decision, now
         return False
     spent_delta = decision.charge_micros if decision.kind == "settle" else 0
     for scope, period in ((team_scope(team), key), (user_scope(team, user), key), (GLOBAL_SCOPE, global_key)):
-        await db.execute(
+        db.execute(
             "UPDATE budget_totals SET reserved_micros = reserved_micros - ?, spent_micros = spent_micros + ? "
             "WHERE scope = ? AND period_key = ?",
             (amount, spent_delta, scope, period),
         )
-    await insert_ledger(db, at=now, kind=decision.kind, team=team, user_id=user, handle=handle, job_id=job_id,
+    insert_ledger(db, at=now, kind=decision.kind, team=team, user_id=user, handle=handle, job_id=job_id,
                         model=model, seconds=decision.seconds, resolution=decision.resolution, period_key=key,
                         global_period_key=global_key, reserved_delta=-amount, spent_delta=spent_delta,
                         basis=decision.basis, note=decision.note)
     return True
 
 
-async def insert_ledger(db: aiosqlite.Connection, **columns: Any) -> int:
+def insert_ledger(db: sqlite3.Connection, **columns: Any) -> int:
     names = ", ".join(columns)
     marks = ", ".join("?" for _ in columns)
-    cursor = await db.execute(f"INSERT INTO ledger ({names}) VALUES ({marks})", tuple(columns.values()))
+    cursor = db.execute(f"INSERT INTO ledger ({names}) VALUES ({marks})", tuple(columns.values()))
     assert cursor.lastrowid is not None
     return cursor.lastrowid
 
 
-async def add_entry(db: aiosqlite.Connection, *, team: Team, kind: str, amount: int, period_key: str,
+def add_entry(db: sqlite3.Connection, *, team: Team, kind: str, amount: int, period_key: str,
                     global_period_key: str, actor: str, note: str, now: str) -> int:
     """A manual ``adjust`` (signed spend) or ``topup`` (allowance) for a team's period."""
     scope = team_scope(team.name)
-    await ensure_totals(db, scope, period_key)
+    ensure_totals(db, scope, period_key)
     if kind == "topup":
-        await db.execute(
+        db.execute(
             "UPDATE budget_totals SET credit_micros = credit_micros + ? WHERE scope = ? AND period_key = ?",
             (amount, scope, period_key),
         )
         deltas = {"credit_delta": amount}
     else:
-        await ensure_totals(db, GLOBAL_SCOPE, global_period_key)
+        ensure_totals(db, GLOBAL_SCOPE, global_period_key)
         for total_scope, key in ((scope, period_key), (GLOBAL_SCOPE, global_period_key)):
-            await db.execute(
+            db.execute(
                 "UPDATE budget_totals SET spent_micros = spent_micros + ? WHERE scope = ? AND period_key = ?",
                 (amount, total_scope, key),
             )
         deltas = {"spent_delta": amount}
-    return await insert_ledger(db, at=now, kind=kind, team=team.name, period_key=period_key,
+    return insert_ledger(db, at=now, kind=kind, team=team.name, period_key=period_key,
                                global_period_key=global_period_key, actor=actor, note=note, **deltas)
 
 
@@ -251,12 +250,11 @@ MISMATCH_QUERIES = (
 )
 
 
-async def mismatches(db: aiosqlite.Connection) -> list[str]:
+def mismatches(db: sqlite3.Connection) -> list[str]:
     found: list[str] = []
     for query in MISMATCH_QUERIES:
-        async with db.execute(query) as cursor:
-            async for scope, key, spent, reserved, credit, l_spent, l_reserved, l_credit in cursor:
-                if (spent, reserved, credit) != (l_spent, l_reserved, l_credit):
-                    found.append(f"{scope} {key}: totals spent={spent} reserved={reserved} credit={credit}, "
-                                 f"ledger spent={l_spent} reserved={l_reserved} credit={l_credit}")
+        for scope, key, spent, reserved, credit, l_spent, l_reserved, l_credit in db.execute(query):
+            if (spent, reserved, credit) != (l_spent, l_reserved, l_credit):
+                found.append(f"{scope} {key}: totals spent={spent} reserved={reserved} credit={credit}, "
+                             f"ledger spent={l_spent} reserved={l_reserved} credit={l_credit}")
     return found

@@ -139,4 +139,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
     """,
+    # 4: a handle's deliveries go out in order; finding the head of each handle's queue needs this
+    """
+    CREATE INDEX outbox_handle_order ON outbox (handle, state, id);
+    """,
 ]

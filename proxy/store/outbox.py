@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
+import sqlite3
 
 from ..clock import uuid7
 
@@ -38,7 +38,7 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-async def enqueue(db: aiosqlite.Connection, handle_rows: list[tuple[Any, ...]], status: str, terminal: bool,
+def enqueue(db: sqlite3.Connection, handle_rows: list[tuple[Any, ...]], status: str, terminal: bool,
                   now: str, payload_for: Any) -> int:
     """One delivery per handle that asked for it: sync handles hear every change, terminal ones only the end."""
     count = 0
@@ -46,7 +46,7 @@ async def enqueue(db: aiosqlite.Connection, handle_rows: list[tuple[Any, ...]], 
         view, team, url, mode = row
         if mode != "sync" and not terminal:
             continue
-        await db.execute(
+        db.execute(
             "INSERT INTO outbox (message_id, handle, team, url, status, payload, state, next_attempt_at, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
             (f"msg_{uuid7().hex}", view.handle, team, url, status,
@@ -56,10 +56,12 @@ async def enqueue(db: aiosqlite.Connection, handle_rows: list[tuple[Any, ...]], 
     return count
 
 
-async def due(db: aiosqlite.Connection, now: str, limit: int) -> list[Delivery]:
-    async with db.execute(
-        "SELECT id, message_id, handle, team, url, status, payload, attempts FROM outbox "
-        "WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+def due(db: sqlite3.Connection, now: str, limit: int) -> list[Delivery]:
+    """Deliveries whose time has come, each the oldest pending one of its handle (so a handle hears in order)."""
+    return [Delivery(*row) for row in db.execute(
+        "SELECT o.id, o.message_id, o.handle, o.team, o.url, o.status, o.payload, o.attempts FROM outbox o "
+        "WHERE o.state = 'pending' AND o.next_attempt_at <= ? AND NOT EXISTS ("
+        "SELECT 1 FROM outbox e WHERE e.handle = o.handle AND e.state = 'pending' AND e.id < o.id) "
+        "ORDER BY o.next_attempt_at, o.id LIMIT ?",
         (now, limit),
-    ) as cursor:
-        return [Delivery(*row) async for row in cursor]
+    )]
