@@ -1,4 +1,4 @@
-"""Persistence: one interface, with SQLite (aiosqlite) as the embedded implementation.
+"""Persistence: one interface, with SQLite (stdlib sqlite3 on threads of its own) as the embedded implementation.
 
 The gateway talks only to :class:`Store`. SQL is kept portable (conditional
 updates rather than locks, ``ON CONFLICT DO NOTHING``, no SQLite-only types)
