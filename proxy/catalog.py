@@ -67,15 +67,6 @@ class ModelSpec:
 class Catalog:
     models: dict[str, ModelSpec]
 
-    def by_path(self, path: str) -> ModelSpec | None:
-        for model in self.models.values():
-            if model.path == path:
-                return model
-        return None
-
-    def model_id_for_path(self, path: str) -> str:
-        """The model a submit path names, found or not: ``/<model-id>/v1/...``."""
-        return path.strip("/").split("/", 1)[0]
 
 
 def default_path(model_id: str) -> str:

@@ -23,9 +23,7 @@ PERIODS = ("month", "week", "day", "total")
 #: A job is in one of these states. SUBMITTING and REJECTED are the gateway's
 #: own: the intent to submit is recorded before the upstream call, and a
 #: submit the upstream refused (or that may not have reached it) is REJECTED.
-ACTIVE_STATUSES = ("QUEUED", "PROCESSING")
 TERMINAL_STATUSES = ("COMPLETED", "FAILED", "ERROR")
-HIDDEN_STATUSES = ("SUBMITTING", "REJECTED")
 
 TEAM_SETTINGS = ("budget_limit_micros", "period", "soft_threshold_percent", "user_cap_micros",
                  "max_concurrent_jobs", "max_submits_per_minute")
@@ -310,8 +308,6 @@ class Store(Protocol):
 
     async def delivery_done(self, delivery_id: int, *, delivered: bool, attempts: int, next_attempt_at: str | None,
                             error: str | None) -> None: ...
-
-    async def outbox_depth(self) -> int: ...
 
     async def webhook_secret(self, team: str, *, rotate: bool = False) -> str: ...
 

@@ -393,10 +393,6 @@ class SQLiteStore:
             (state, attempts, next_attempt_at, error, state, now, delivery_id),
         ))
 
-    async def outbox_depth(self) -> int:
-        (depth,) = await self._read_one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'", ())
-        return depth
-
     async def webhook_secret(self, team: str, *, rotate: bool = False) -> str:
         """The team's signing secret, created on first use; a new one when ``rotate``."""
 
