@@ -19,7 +19,7 @@ from aiohttp import web
 
 from .clock import Clock
 from .errors import BudgetExceeded
-from .headers import MAX_COST_HEADER, is_dry_run
+from .headers import MAX_COST_HEADER
 from .money import MICROS_PER_USD, micros_to_usd
 from .pipeline import Policy, SubmitContext
 from .policyfile import read_toml
@@ -135,7 +135,7 @@ class Budget(Policy):
             global_period_key=period_key(self.rules.global_period, now),
             global_limit_micros=self.rules.global_limit_micros,
         )
-        if is_dry_run(ctx.request.headers):
+        if ctx.dry_run:
             ctx.response = await self.quote(ctx)
 
     async def quote(self, ctx: SubmitContext) -> web.StreamResponse:

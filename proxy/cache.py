@@ -31,7 +31,6 @@ from typing import Any
 from aiohttp import web
 
 from .budget import period_key
-from .headers import is_dry_run
 from .clock import Clock, iso_utc, new_request_id
 from .errors import BadRequest, BudgetExceeded, TooManyRequests
 from .forward import STATUS_PATH, submission_for
@@ -114,11 +113,10 @@ class Dedup(Policy):
         self.metrics = metrics
         self.public_url = public_url.rstrip("/")
         self.claims: dict[str, asyncio.Future[int]] = {}
-        self._claimed: dict[int, asyncio.Future[int]] = {}  # id(ctx) -> the claim it owns
 
     async def on_request(self, ctx: SubmitContext) -> None:
         assert ctx.params is not None and ctx.principal is not None
-        if is_dry_run(ctx.request.headers):
+        if ctx.dry_run:
             return
         fp = fingerprint(ctx.model.id, ctx.params, ctx.principal.team if self.rules.scope == "team" else None)
         ctx.fingerprint = fp
@@ -131,7 +129,7 @@ class Dedup(Policy):
                 claim = asyncio.get_running_loop().create_future()
                 claim.add_done_callback(_retrieve)
                 self.claims[fp] = claim  # claimed before the first await: concurrent twins see it
-                self._claimed[id(ctx)] = claim
+                ctx.cache_claim = claim
                 fresh_after = iso_utc(self.clock.now() - timedelta(seconds=self.rules.ttl_seconds))
                 found = await self.store.find_reusable(fp, fresh_after)
                 if found is None:
@@ -177,7 +175,7 @@ class Dedup(Policy):
         self._end_claim(ctx, error=error)
 
     def _end_claim(self, ctx: SubmitContext, *, result: int | None = None, error: BaseException | None = None) -> None:
-        claim = self._claimed.pop(id(ctx), None)
+        claim, ctx.cache_claim = ctx.cache_claim, None
         if claim is None:
             return
         if self.claims.get(ctx.fingerprint or "") is claim:

@@ -20,7 +20,6 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from .headers import is_dry_run
 from .clock import Clock, iso_utc
 from .errors import BadRequest, Conflict, UnprocessableContent
 from .forward import STATUS_PATH
@@ -50,11 +49,10 @@ class Idempotency(Policy):
         self.clock = clock
         self.public_url = public_url.rstrip("/")
         self.in_flight: set[tuple[str, str, str]] = set()
-        self._owned: dict[int, tuple[str, str, str]] = {}
 
     async def on_request(self, ctx: SubmitContext) -> None:
         raw = ctx.request.headers.get(HEADER)
-        if raw is None or is_dry_run(ctx.request.headers):
+        if raw is None or ctx.dry_run:
             return
         assert ctx.principal is not None and ctx.params is not None
         key = parse_key(raw)
@@ -63,7 +61,7 @@ class Idempotency(Policy):
         if scope in self.in_flight:
             raise Conflict(f"A request with this {HEADER} is still being processed; retry shortly")
         self.in_flight.add(scope)  # claimed before the first await, so concurrent twins see it
-        self._owned[id(ctx)] = scope
+        ctx.idempotency_scope = scope
         now = self.clock.now()
         existing = await self.store.idempotent_handle(*scope, iso_utc(now))
         if existing is not None:
@@ -81,7 +79,12 @@ class Idempotency(Policy):
         ctx.idempotency = IdempotencyRecord(key, request_hash, iso_utc(now + self.ttl))
 
     async def on_response(self, ctx: SubmitContext) -> None:
-        self.in_flight.discard(self._owned.pop(id(ctx), ("", "", "")))
+        self._release(ctx)
 
     async def on_failure(self, ctx: SubmitContext, error: BaseException) -> None:
-        self.in_flight.discard(self._owned.pop(id(ctx), ("", "", "")))
+        self._release(ctx)
+
+    def _release(self, ctx: SubmitContext) -> None:
+        if ctx.idempotency_scope is not None:
+            self.in_flight.discard(ctx.idempotency_scope)
+            ctx.idempotency_scope = None

@@ -14,6 +14,7 @@ recorded intent) gives it back in ``on_failure``, like a context manager.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,8 +44,11 @@ class SubmitContext:
     params: dict[str, Any] | None = None
     estimate: Estimate | None = None
     hold: Hold | None = None
+    dry_run: bool = False
     cost_cap: int | None = None
     fingerprint: str | None = None
+    cache_claim: asyncio.Future[int] | None = None  # this request is the one submitting its fingerprint
+    idempotency_scope: tuple[str, str, str] | None = None  # (team, user, key) this request holds in flight
     cache: str = "MISS"
     webhook_url: str | None = None
     webhook_mode: str | None = None

@@ -166,7 +166,7 @@ class Validate(Policy):
         self.max_body_bytes = max_body_bytes
 
     async def on_request(self, ctx: SubmitContext) -> None:
-        is_dry_run(ctx.request.headers)  # the gateway's own headers are checked before anything can answer
+        ctx.dry_run = is_dry_run(ctx.request.headers)  # the gateway's own headers, before anything can answer
         ctx.cost_cap = cost_cap(ctx.request.headers)
         body = await read_json_body(ctx.request, self.max_body_bytes)
         ctx.params = normalize(ctx.model, body)
