@@ -141,8 +141,7 @@ class Budget(Policy):
     async def quote(self, ctx: SubmitContext) -> web.StreamResponse:
         assert ctx.hold is not None and ctx.principal is not None and ctx.team is not None
         estimate = ctx.hold.estimate
-        view = await self.store.budget_view(ctx.team.name, ctx.hold.period_key)
-        refusal = await self.store.check_hold(ctx.principal.team, ctx.principal.user, ctx.hold)
+        view, refusal = await self.store.check_hold(ctx.principal.team, ctx.principal.user, ctx.hold)
         body = {
             "dry_run": True,
             "model_id": ctx.model.id,

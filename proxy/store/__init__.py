@@ -284,8 +284,8 @@ class Store(Protocol):
 
     async def budget_view(self, team: str, period_key: str) -> BudgetView: ...
 
-    async def check_hold(self, team: str, user: str, hold: Hold) -> str | None:
-        """Why ``hold`` would be refused now, or None; reserves nothing (for dry runs)."""
+    async def check_hold(self, team: str, user: str, hold: Hold) -> tuple[BudgetView, str | None]:
+        """The team's budget now and why ``hold`` would be refused (None if it would not); reserves nothing."""
         ...
 
     async def add_entry(self, team: str, kind: str, amount_micros: int, period_key: str, global_period_key: str,

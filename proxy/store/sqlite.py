@@ -417,8 +417,12 @@ class SQLiteStore:
     async def budget_view(self, team: str, period_key: str) -> BudgetView:
         return await self._read(lambda db: accounts.budget_view(db, self._team_in(db, team), period_key))
 
-    async def check_hold(self, team: str, user: str, hold: Hold) -> str | None:
-        return await self._read(lambda db: accounts.refusal_for(db, self._team_in(db, team), user, hold))
+    async def check_hold(self, team: str, user: str, hold: Hold) -> tuple[BudgetView, str | None]:
+        def check(db: Db) -> tuple[BudgetView, str | None]:
+            team_row = self._team_in(db, team)
+            return accounts.budget_view(db, team_row, hold.period_key), accounts.refusal_for(db, team_row, user, hold)
+
+        return await self._read(check)
 
     async def add_entry(self, team: str, kind: str, amount_micros: int, period_key: str, global_period_key: str,
                         actor: str, note: str) -> LedgerEntry:
