@@ -1,0 +1,167 @@
+"""The store's writer: one thread, one connection, group commit.
+
+Every write is a function ``fn(db)`` that must be atomic on its own. Callers
+on the event loop hand them over without blocking; the writer thread takes
+whatever has queued up (at most :data:`MAX_BATCH`), runs each inside a
+``SAVEPOINT`` of one ``BEGIN IMMEDIATE`` transaction, commits once, and only
+then answers every caller, with a single wake-up of the event loop::
+
+    BEGIN IMMEDIATE
+      SAVEPOINT w; fn1(db); RELEASE w        -> fn1's result
+      SAVEPOINT w; fn2(db) raises; ROLLBACK TO w; RELEASE w  -> fn2's error, nothing of it kept
+      ...
+    COMMIT                                   -> results delivered (or, if COMMIT fails, its error to all)
+
+So concurrent submits share one commit (one fsync with ``synchronous=FULL``)
+and one thread hand-off each way, and each still commits all or nothing, in
+the order it was queued. A caller learns of success only once its changes are
+durable. If SQLite abandons the whole transaction (disk full, I/O error), every
+function of that batch is answered with the error: none of them was kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: The most functions one commit carries; bounds how long the write lock is held.
+MAX_BATCH = 64
+
+_Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+_Work = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", bool]
+
+
+class GroupCommitWriter:
+    """Runs write functions on one thread and connection, committing concurrent ones together."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], *, name: str = "store-writer") -> None:
+        self._connect = connect
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opened: asyncio.Future[None] | None = None
+        self.connection: sqlite3.Connection | None = None
+        self.commits = 0  # batches committed, for tests and the benchmark
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._opened = self._loop.create_future()
+        self._thread.start()
+        await self._opened
+
+    async def stop(self) -> None:
+        """Finish what is queued, close the connection and end the thread."""
+        if not self._thread.is_alive():
+            return
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = True) -> asyncio.Future[T]:
+        """Queue ``fn(db)``; the future resolves once it is committed (or with its error, nothing kept).
+
+        ``transaction=False`` runs ``fn`` outside any transaction, alone (for reads of a ``:memory:`` store).
+        """
+        if self._loop is None or not self._thread.is_alive():
+            raise RuntimeError("store is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((fn, future, transaction))
+        return future
+
+    # the writer thread
+
+    def _run(self) -> None:
+        assert self._loop is not None and self._opened is not None
+        try:
+            self.connection = self._connect()
+        except BaseException as error:  # noqa: BLE001 - handed to start()'s caller
+            self._loop.call_soon_threadsafe(_settle, [(self._opened, None, error)])
+            return
+        self._loop.call_soon_threadsafe(_settle, [(self._opened, None, None)])
+        db = self.connection
+        stopping = False
+        while not stopping:
+            work = self._queue.get()
+            if work is None:
+                break
+            batch = [work]
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                batch.append(more)
+            outcomes: list[_Outcome] = []
+            pending: list[_Work] = []
+            for fn, future, transaction in batch:
+                if transaction:
+                    pending.append((fn, future, transaction))
+                else:
+                    outcomes.extend(self._commit(db, pending))
+                    pending = []
+                    outcomes.append(_call(fn, db, future))
+            outcomes.extend(self._commit(db, pending))
+            self._loop.call_soon_threadsafe(_settle, outcomes)
+        db.close()
+
+    def _commit(self, db: sqlite3.Connection, batch: list[_Work]) -> list[_Outcome]:
+        if not batch:
+            return []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            return [(future, None, error) for _, future, _ in batch]
+        outcomes: list[_Outcome] = []
+        for fn, future, _ in batch:
+            db.execute("SAVEPOINT w")
+            try:
+                result = fn(db)
+            except BaseException as error:  # noqa: BLE001 - handed to this function's caller
+                if not db.in_transaction:  # SQLite abandoned the whole transaction: nothing of this batch is kept
+                    logger.error("a write transaction was abandoned by SQLite: %s", error)
+                    kept = [(f, None, error) for f, _, _ in outcomes] + [(future, None, error)]
+                    rest = batch[len(outcomes) + 1:]
+                    return kept + self._commit(db, rest)
+                db.execute("ROLLBACK TO w")
+                db.execute("RELEASE w")
+                outcomes.append((future, None, error))
+                continue
+            db.execute("RELEASE w")
+            outcomes.append((future, result, None))
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as error:
+            logger.error("a group commit of %d writes failed: %s", len(batch), error)
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            return [(future, None, error) for future, _, _ in outcomes]
+        self.commits += 1
+        return outcomes
+
+
+def _call(fn: Callable[[sqlite3.Connection], Any], db: sqlite3.Connection, future: asyncio.Future[Any]) -> _Outcome:
+    try:
+        return (future, fn(db), None)
+    except BaseException as error:  # noqa: BLE001 - handed to this function's caller
+        return (future, None, error)
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    """On the event loop: answer each caller (one wake-up for the whole batch)."""
+    for future, result, error in outcomes:
+        if future.cancelled():
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)

@@ -1,0 +1,123 @@
+"""Group commit: writes queued together share one COMMIT, and each is still all or nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from proxy.store.writer import MAX_BATCH, GroupCommitWriter
+
+
+def connector(path: Path):
+    def connect() -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY)")
+        return db
+    return connect
+
+
+def rows(path: Path) -> list[int]:
+    with sqlite3.connect(path) as db:
+        return [n for (n,) in db.execute("SELECT n FROM t ORDER BY n")]
+
+
+def insert(n: int):
+    def fn(db: sqlite3.Connection) -> int:
+        db.execute("INSERT INTO t (n) VALUES (?)", (n,))
+        return n
+    return fn
+
+
+async def hold_writer(writer: GroupCommitWriter) -> tuple[asyncio.Future[int], threading.Event]:
+    """A write that blocks the writer thread until released, so what is queued meanwhile forms one batch."""
+    started, release = threading.Event(), threading.Event()
+
+    def blocker(db: sqlite3.Connection) -> int:
+        started.set()
+        release.wait(10)
+        db.execute("INSERT INTO t (n) VALUES (0)")
+        return 0
+
+    future = writer.submit(blocker)
+    assert await asyncio.to_thread(started.wait, 10)
+    return future, release
+
+
+async def test_queued_writes_share_one_commit_and_a_failure_keeps_nothing_of_its_own(tmp_path: Path) -> None:
+    writer = GroupCommitWriter(connector(tmp_path / "w.db"))
+    await writer.start()
+    try:
+        first, release = await hold_writer(writer)
+
+        def half_then_fail(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO t (n) VALUES (500)")
+            raise ValueError("refused after writing")
+
+        futures = [writer.submit(insert(n)) for n in range(1, 21)]
+        failing = writer.submit(half_then_fail)
+        futures += [writer.submit(insert(n)) for n in range(21, 41)]
+        release.set()
+        assert await first == 0
+        assert await asyncio.gather(*futures) == list(range(1, 41))
+        with pytest.raises(ValueError, match="refused after writing"):
+            await failing
+        assert writer.commits == 2  # the held write, then the 41 queued behind it together
+        assert rows(tmp_path / "w.db") == list(range(0, 41))  # 500 rolled back to its savepoint
+    finally:
+        await writer.stop()
+
+
+async def test_a_batch_is_capped_so_the_write_lock_is_never_held_for_long(tmp_path: Path) -> None:
+    writer = GroupCommitWriter(connector(tmp_path / "w.db"))
+    await writer.start()
+    try:
+        first, release = await hold_writer(writer)
+        futures = [writer.submit(insert(n)) for n in range(1, MAX_BATCH * 2 + 2)]
+        release.set()
+        await first
+        await asyncio.gather(*futures)
+        assert writer.commits == 1 + 3  # 129 queued writes: 64 + 64 + 1
+        assert len(rows(tmp_path / "w.db")) == MAX_BATCH * 2 + 2
+    finally:
+        await writer.stop()
+
+
+async def test_a_transaction_sqlite_abandons_fails_the_writes_it_carried_and_not_later_ones(tmp_path: Path) -> None:
+    writer = GroupCommitWriter(connector(tmp_path / "w.db"))
+    await writer.start()
+    try:
+        first, release = await hold_writer(writer)
+
+        def abandon(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO t (n) VALUES (600)")
+            db.execute("ROLLBACK")  # what SQLite itself does on SQLITE_FULL or an I/O error
+            raise sqlite3.OperationalError("database or disk is full")
+
+        before = [writer.submit(insert(n)) for n in (1, 2, 3)]
+        failing = writer.submit(abandon)
+        after = [writer.submit(insert(n)) for n in (4, 5)]
+        release.set()
+        await first
+        for future in (*before, failing):
+            with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+                await future
+        assert await asyncio.gather(*after) == [4, 5]
+        assert rows(tmp_path / "w.db") == [0, 4, 5]  # what was reported as failed was indeed not kept
+    finally:
+        await writer.stop()
+
+
+async def test_writes_queued_before_stop_are_finished_and_later_ones_refused(tmp_path: Path) -> None:
+    writer = GroupCommitWriter(connector(tmp_path / "w.db"))
+    await writer.start()
+    futures = [writer.submit(insert(n)) for n in range(1, 11)]
+    await writer.stop()
+    assert [f.result() for f in futures] == list(range(1, 11))
+    with pytest.raises(RuntimeError, match="not open"):
+        writer.submit(insert(99))
+    assert rows(tmp_path / "w.db") == list(range(1, 11))
