@@ -25,10 +25,16 @@ from .errors import Forbidden, Unauthorized
 from .observe import TEAM
 from .pipeline import Policy, SubmitContext
 from .store import Store, Team
+from .ttlcache import TtlCache
 
 logger = logging.getLogger(__name__)
 
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
+
+#: How long a verified token's claims are reused without checking its signature again (its expiry is checked on
+#: every request), and how many distinct tokens are remembered. Bounds how long a rotated-out JWKS key still works.
+VERIFIED_TOKEN_SECONDS = 60.0
+VERIFIED_TOKENS = 10_000
 
 #: What a client is told for each way a token can fail, most specific first.
 _TOKEN_PROBLEMS: tuple[tuple[type[Exception], str], ...] = (
@@ -78,6 +84,7 @@ class Authenticator:
             self._static_key = _read_public_key(config.jwt_public_key)
         else:
             self._jwks = jwt.PyJWKClient(config.jwt_jwks_url, cache_keys=True, lifespan=300, timeout=5)
+        self._verified: TtlCache[str, tuple[int, dict[str, Any]]] = TtlCache(VERIFIED_TOKEN_SECONDS, VERIFIED_TOKENS)
 
     def token_from(self, headers: Any) -> str:
         subscription_key = headers.get(KEY_HEADER)
@@ -114,7 +121,22 @@ class Authenticator:
         return Principal(user=user, team=team, admin=claims.get("role") == "admin"), team_record
 
     async def verify(self, token: str) -> dict[str, Any]:
-        """The token's claims once signature, algorithm, expiry, issuer and audience check out."""
+        """The token's claims once signature, algorithm, expiry, issuer and audience check out.
+
+        The same token string verified a moment ago is not verified again (its bytes, signature included,
+        verify the same way), but its expiry is checked every time.
+        """
+        verified = self._verified.get(token)
+        if verified is not None:
+            expires, claims = verified
+            if time.time() < expires:
+                return claims
+            self._verified.forget(token)
+        claims = await self._decode(token)
+        self._verified.put(token, (int(claims["exp"]), claims))  # int(): as PyJWT reads it
+        return claims
+
+    async def _decode(self, token: str) -> dict[str, Any]:
         try:
             key = self._static_key
             if self._jwks is not None:
