@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .config import SYMMETRIC_ALGORITHMS, Config, ConfigError
 from .errors import Forbidden, Unauthorized
-from .observe import TEAM
+from .observe import TEAM, USER
 from .pipeline import Policy, SubmitContext
 from .store import Store, Team
 from .ttlcache import TtlCache
@@ -200,3 +200,4 @@ class Authenticate(Policy):
     async def on_request(self, ctx: SubmitContext) -> None:
         ctx.principal, ctx.team = await self.authenticator.identify(ctx.request.headers)
         ctx.request[TEAM] = ctx.team.name
+        ctx.request[USER] = ctx.principal.user

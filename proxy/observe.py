@@ -1,4 +1,8 @@
-"""The outermost middleware: request metrics and one structured access line per request."""
+"""The outermost middleware: request metrics and one structured access line per request.
+
+The access line is the request's whole story (route, status, duration, team,
+user, model, handle, cache), so handlers do not log their own line on success.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ access_logger = logging.getLogger("proxy.access")
 
 #: What handlers tell this middleware about the request they answered (all bounded values).
 TEAM = web.RequestKey("team", str)
+USER = web.RequestKey("user", str)
 MODEL = web.RequestKey("model", str)
 HANDLE = web.RequestKey("handle", str)
 CACHE = web.RequestKey("cache", str)
@@ -50,8 +55,8 @@ def observe_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awa
             access_logger.info(
                 "%s %s %d", request.method, route, status,
                 extra={"event": "http.request", "method": request.method, "route": route, "status": status,
-                       "duration_ms": round(elapsed * 1000, 3), "team": team or None,
-                       "handle": request.get(HANDLE), "cache": request.get(CACHE)},
+                       "duration_ms": round(elapsed * 1000, 3), "team": team or None, "user": request.get(USER),
+                       "model": request.get(MODEL) or None, "handle": request.get(HANDLE), "cache": request.get(CACHE)},
             )
 
     return observe

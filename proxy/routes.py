@@ -10,7 +10,7 @@ from aiohttp import web
 from .catalog import ModelSpec
 from .errors import ModelNotFound, NotFound
 from .metrics import metrics_handler
-from .observe import HANDLE, MODEL, TEAM
+from .observe import HANDLE, MODEL, TEAM, USER
 from .pipeline import SubmitContext
 from .services import SERVICES, Services
 from .views import status_body
@@ -39,7 +39,7 @@ async def unknown_model(request: web.Request) -> web.StreamResponse:
 async def request_status(request: web.Request) -> web.StreamResponse:
     services: Services = request.app[SERVICES]
     principal = await services.authenticator.authenticate(request.headers)
-    request[TEAM] = principal.team
+    request[TEAM], request[USER] = principal.team, principal.user
     handle = request.match_info["request_id"]
     view = await services.store.get_handle(handle) if len(handle) <= MAX_HANDLE_LENGTH else None
     if view is None or (view.team != principal.team and not principal.admin):
