@@ -7,6 +7,7 @@ that names it (:class:`ConfigError`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class Config:
     log_format: str = "json"
     metrics_port: int = 0
     alert_webhook_url: str = ""
+    event_loop: str = "auto"
 
     @property
     def base_url(self) -> str:
@@ -150,6 +152,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "log_format": ("PROXY_LOG_FORMAT", lambda v: v.strip().lower()),
     "metrics_port": ("PROXY_METRICS_PORT", _int),
     "alert_webhook_url": ("PROXY_ALERT_WEBHOOK_URL", _text),
+    "event_loop": ("PROXY_EVENT_LOOP", lambda v: v.strip().lower()),
 }
 
 
@@ -220,5 +223,9 @@ def check_config(config: Config) -> None:
         raise ConfigError("PROXY_LOG_FORMAT must be json or text")
     if not 0 <= config.metrics_port <= 65535:
         raise ConfigError("PROXY_METRICS_PORT must be between 0 and 65535")
+    if config.event_loop not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError("PROXY_EVENT_LOOP must be auto, asyncio or uvloop")
+    if config.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("PROXY_EVENT_LOOP is uvloop but uvloop is not installed: pip install 'pixazo-proxy[fast]'")
     if config.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ConfigError("PROXY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")

@@ -65,3 +65,10 @@ def test_secrets_do_not_show_in_reprs() -> None:
     assert SECRET not in repr(config)
     assert str(Secret("abc")) == "Secret('********')"
     assert config.upstream_key.reveal() == "real-key"
+
+
+def test_the_event_loop_choice_is_checked_at_start_up() -> None:
+    with pytest.raises(ConfigError, match="PROXY_EVENT_LOOP must be auto, asyncio or uvloop"):
+        load_config({**BASE, "PROXY_EVENT_LOOP": "trio"})
+    assert load_config({**BASE, "PROXY_EVENT_LOOP": " UVLOOP "}).event_loop == "uvloop"
+    assert load_config(BASE).event_loop == "auto"
