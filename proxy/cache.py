@@ -116,11 +116,12 @@ class Dedup(Policy):
 
     async def on_request(self, ctx: SubmitContext) -> None:
         assert ctx.params is not None and ctx.principal is not None
+        bypass = bypasses(ctx.request.headers, self.rules.honor_no_cache)  # a bad header is refused, dry run or not
         if ctx.dry_run:
             return
         fp = fingerprint(ctx.model.id, ctx.params, ctx.principal.team if self.rules.scope == "team" else None)
         ctx.fingerprint = fp
-        if bypasses(ctx.request.headers, self.rules.honor_no_cache):
+        if bypass:
             self._answered(ctx, "BYPASS")
             return
         for _ in range(CLAIM_ATTEMPTS):

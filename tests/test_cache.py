@@ -172,3 +172,14 @@ async def test_a_dry_run_creates_no_handle(gateway: Gateway, simulator: Simulato
 
     assert code == 200 and body["dry_run"] is True and "X-Proxy-Cache" not in headers
     assert [row[0] for row in gateway.ledger_rows("kind")] == ["reserve", "settle"]
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_a_bad_cache_header_is_refused_even_on_a_dry_run(gateway: Gateway, simulator: Simulator,
+                                                                 dry_run: bool) -> None:
+    headers = auth() | {"X-Proxy-Cache": "~n;oSiw."} | ({"X-Proxy-Dry-Run": "true"} if dry_run else {})
+
+    code, body, _ = await gateway.submit(body={"prompt": "p"}, headers=headers)
+
+    assert (code, body) == (400, {"error": "Bad Request", "message": "X-Proxy-Cache on a request may only be 'bypass'"})
+    assert simulator.calls_of("submit") == []
