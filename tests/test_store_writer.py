@@ -121,3 +121,30 @@ async def test_writes_queued_before_stop_are_finished_and_later_ones_refused(tmp
     with pytest.raises(RuntimeError, match="not open"):
         writer.submit(insert(99))
     assert rows(tmp_path / "w.db") == list(range(1, 11))
+
+
+async def test_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(tmp_path: Path) -> None:
+    from proxy.store.sqlite import SQLiteStore
+
+    path = tmp_path / "wal.db"
+    store = SQLiteStore(path, checkpoint_seconds=0.05)
+    await store.open()
+    try:
+        assert await store._write(lambda db: db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+        await store.create_team("design", 1_000_000, "month")
+        sizes = []
+        for round_ in range(4):
+            await asyncio.gather(*(store.update_team("design", soft_threshold_percent=1 + (round_ * 300 + n) % 99)
+                                   for n in range(300)))
+            checkpoints = store._checkpointer.checkpoints
+            deadline = asyncio.get_running_loop().time() + 5
+            while store._checkpointer.checkpoints < checkpoints + 2:  # one caught up since these writes
+                assert asyncio.get_running_loop().time() < deadline, "no checkpoint ran"
+                await asyncio.sleep(0.02)
+            sizes.append((tmp_path / "wal.db-wal").stat().st_size)
+        assert store._checkpointer.pages_copied > 0
+        assert sizes[-1] <= sizes[0]  # the WAL starts over after each checkpoint instead of growing
+        with sqlite3.connect(path) as other:  # and what was checkpointed is in the database file
+            assert other.execute("SELECT soft_threshold_percent FROM teams").fetchone()[0] == 1 + (3 * 300 + 299) % 99
+    finally:
+        await store.close()

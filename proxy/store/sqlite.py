@@ -42,6 +42,7 @@ from . import (
 )
 from ..views import status_body
 from .migrations import MIGRATIONS
+from .checkpoint import Checkpointer
 from .writer import GroupCommitWriter
 from ..ttlcache import TtlCache
 
@@ -73,12 +74,14 @@ _TERMINAL = "(" + ", ".join(f"'{status}'" for status in TERMINAL_STATUSES) + ")"
 class SQLiteStore:
     """SQLite-backed store. ``path`` may be ``:memory:`` (one connection for everything) for tools and tests."""
 
-    def __init__(self, path: str | Path, *, readers: int = 2) -> None:
+    def __init__(self, path: str | Path, *, readers: int = 2, checkpoint_seconds: float = 1.0) -> None:
         self.path = str(path)
         self.readers = readers
+        self.checkpoint_seconds = checkpoint_seconds
         self._writer: GroupCommitWriter | None = None
         self._reader_pool: ThreadPoolExecutor | None = None
         self._loop_reader: Db | None = None
+        self._checkpointer: Checkpointer | None = None
         self._local = threading.local()
         self._reader_connections: list[Db] = []
         self._lock = threading.Lock()
@@ -94,11 +97,17 @@ class SQLiteStore:
         connection.execute("PRAGMA busy_timeout = 5000")
         return connection
 
+    def _connect_writer(self) -> Db:
+        connection = self._connect()
+        if self.path != ":memory:":
+            connection.execute("PRAGMA wal_autocheckpoint = 0")  # the Checkpointer's thread does it, off this path
+        return connection
+
     async def open(self) -> None:
         memory = self.path == ":memory:"
         if not memory:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        writer = GroupCommitWriter(self._connect)
+        writer = GroupCommitWriter(self._connect_writer)
         await writer.start()
         self._writer = writer
         await self._write(self._migrate)
@@ -107,6 +116,8 @@ class SQLiteStore:
             self._loop_reader = self._connect()
             self._loop_reader.execute("PRAGMA busy_timeout = 0")  # never block the loop: busy goes to a thread
             self._loop_reader.execute("PRAGMA query_only = ON")
+            self._checkpointer = Checkpointer(self._connect, self.checkpoint_seconds)
+            self._checkpointer.start()
 
     async def close(self) -> None:
         writer, reader_pool = self._writer, self._reader_pool
@@ -116,6 +127,9 @@ class SQLiteStore:
         if self._loop_reader is not None:
             self._loop_reader.close()
             self._loop_reader = None
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.stop)
+            self._checkpointer = None
         await writer.stop()
         if reader_pool is not None:
             reader_pool.shutdown(wait=True)
