@@ -1,11 +1,13 @@
 """Side-by-side benchmark: the client straight to the simulator, through a minimal aiohttp pass-through
 proxy, and through the gateway with its whole pipeline. One command:
 
-    .venv/bin/python -m tests.bench.run [--seconds 4] [--out tests/bench/results.md]
+    .venv/bin/python -m tests.bench.run [--seconds 4] [--loop asyncio|uvloop] [--out tests/bench/results.md]
 
 Load comes from wrk (Debian's package) in its own process, one thread; submits carry bodies no other
-request has, so the gateway's cache never answers them. Also measured: latency with 0, 100k and 1M rows
-already in the store, a spend report over 1M ledger rows, and peak memory with 10k jobs in flight.
+request has, so the gateway's cache never answers them. All three servers run on the same event loop
+(``--loop``). Also measured: added latency at half of the gateway's saturation (wrk paced with a delay per
+connection), latency with 0, 100k and 1M rows already in the store, a spend report over 1M ledger rows,
+and peak memory with 10k jobs in flight.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SECRET = "bench-jwt-secret-0123456789-abcdefghijkl"
 T2V = "grok-imagine-video-text-to-video"
 SUBMIT = f"/{T2V}/v1/{T2V}-request"
 CONCURRENCY = (1, 16, 64)
+PACED = 8
 
 
 def free_port() -> int:
@@ -70,8 +73,10 @@ class Server:
         self.process.wait(timeout=30)
 
 
-def wrk(base: str, path: str, key: str, method: str, connections: int, seconds: int) -> dict[str, float]:
-    env = {**os.environ, "BENCH_PATH": path, "BENCH_KEY": key, "BENCH_METHOD": method}
+def wrk(base: str, path: str, key: str, method: str, connections: int, seconds: int,
+        delay_ms: float = 0.0) -> dict[str, float]:
+    env = {**os.environ, "BENCH_PATH": path, "BENCH_KEY": key, "BENCH_METHOD": method,
+           "BENCH_DELAY_MS": f"{delay_ms:.3f}"}
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(SCRIPT), base],
                          capture_output=True, text=True, env=env, check=True).stdout
 
@@ -82,6 +87,21 @@ def wrk(base: str, path: str, key: str, method: str, connections: int, seconds: 
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": millis("50"),
             "p99": millis("99"), "errors": int(bad.group(1)) if bad else 0}
+
+
+def drain(db: Path, keep: str, timeout: float = 300.0) -> None:
+    """Wait until the gateway has followed every job it accepted to its end, but the one it keeps running.
+
+    After a burst of submits its tracker works through the backlog (a status call and a settlement per job);
+    measuring while it does would charge that work to whatever cell comes next.
+    """
+    deadline = time.monotonic() + timeout
+    with sqlite3.connect(db, timeout=30) as connection:
+        while connection.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status IN ('SUBMITTING', 'QUEUED', 'PROCESSING') "
+                "AND id <> (SELECT job_id FROM handles WHERE id = ?)", (keep,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "the gateway did not finish its jobs in time"
+            time.sleep(0.5)
 
 
 def post(url: str, body: dict, headers: dict[str, str]) -> dict:
@@ -96,10 +116,10 @@ def cli(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "proxy.cli", *args], capture_output=True, text=True, env=env, check=True)
 
 
-def start_gateway(db: Path, upstream: str) -> Server:
+def start_gateway(db: Path, upstream: str, loop: str = "asyncio") -> Server:
     port = free_port()
     env = {"PIXAZO_API_KEY": KEY, "PROXY_JWT_SECRET": SECRET, "PROXY_DB": str(db), "PIXAZO_UPSTREAM_URL": upstream,
-           "PROXY_POLICIES": str(ROOT / "policies"), "PROXY_PORT": str(port)}
+           "PROXY_POLICIES": str(ROOT / "policies"), "PROXY_PORT": str(port), "PROXY_EVENT_LOOP": loop}
     return Server("gateway", [sys.executable, "-m", "proxy.cli", "serve"], env, port)
 
 
@@ -150,6 +170,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
     parser.add_argument("--skip-growth", action="store_true")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="event loop of all three servers (uvloop needs pixazo-proxy[fast])")
     args = parser.parse_args()
     assert shutil.which("wrk"), "wrk is needed: apt-get install wrk"
     work = Path(tempfile.mkdtemp(prefix="pixazo-bench-"))
@@ -158,13 +180,15 @@ def main() -> None:
     token = jwt.encode({"sub": "bench", "team": "bench", "exp": int(time.time()) + 86400}, SECRET, algorithm="HS256")
     sim_port = free_port()
     simulator = Server("simulator", [sys.executable, "-m", "tests.bench.servers", "simulator", "--port", str(sim_port),
-                                     "--key", KEY], {}, sim_port)
+                                     "--key", KEY, "--loop", args.loop], {}, sim_port)
     pt_port = free_port()
     passthrough = Server("passthrough", [sys.executable, "-m", "tests.bench.servers", "passthrough", "--port",
-                                         str(pt_port), "--upstream", simulator.url], {}, pt_port)
-    gateway = start_gateway(db, simulator.url)
-    lines: list[str] = [f"Machine: {os.cpu_count()} cores; wrk -t1, {args.seconds} s per cell; gateway logging at INFO "
-                        "(JSON lines to /dev/null), SQLite synchronous=FULL.", ""]
+                                         str(pt_port), "--upstream", simulator.url, "--loop", args.loop], {},
+                         pt_port)
+    gateway = start_gateway(db, simulator.url, args.loop)
+    lines: list[str] = [f"Machine: {os.cpu_count()} cores; wrk -t1, {args.seconds} s per cell; event loop: {args.loop} "
+                        "(all three servers); gateway logging at INFO (JSON lines to /dev/null), SQLite "
+                        "synchronous=FULL.", ""]
     try:
         upstream_key = {"Ocp-Apim-Subscription-Key": KEY}
         # jobs to poll: one left running, one finished, on each side
@@ -188,20 +212,38 @@ def main() -> None:
                                          "pass-through": f"/v2/requests/status/{done_upstream}",
                                          "gateway": f"/v2/requests/status/{done_handle}"}),
         }
-        rows = []
+        rows, paced = [], []
         for scenario, (method, paths) in scenarios.items():
+            saturation = 0.0
             for connections in CONCURRENCY:
+                drain(db, running_handle)
                 results = {name: wrk(base, paths[name], key, method, connections, args.seconds)
                            for name, (base, key) in targets.items()}
                 d, p, g = results["direct"], results["pass-through"], results["gateway"]
+                saturation = max(saturation, g["rps"])
                 rows.append([scenario, str(connections)] + [f"{r['rps']:.0f}" for r in (d, p, g)]
                             + [f"{r['p50']:.2f} / {r['p99']:.2f}" for r in (d, p, g)]
                             + [f"{g['rps'] / p['rps']:.2f}", f"{g['p50'] - d['p50']:+.2f} / {g['p99'] - d['p99']:+.2f}",
                                str(sum(r["errors"] for r in (d, p, g)))])
                 print(rows[-1], flush=True)
+            # half of the gateway's saturation: PACED connections, each pausing so together they offer that rate
+            target = saturation / 2
+            delay = 1000.0 * PACED / target
+            drain(db, running_handle)
+            d, g = (wrk(targets[name][0], paths[name], targets[name][1], method, PACED, args.seconds, delay)
+                    for name in ("direct", "gateway"))
+            paced.append([scenario, f"{target:.0f}", f"{d['rps']:.0f} / {g['rps']:.0f}",
+                          f"{d['p50']:.2f} / {d['p99']:.2f}", f"{g['p50']:.2f} / {g['p99']:.2f}",
+                          f"{g['p50'] - d['p50']:+.2f} / {g['p99'] - d['p99']:+.2f}", str(d["errors"] + g["errors"])])
+            print(paced[-1], flush=True)
         lines += ["### Throughput (req/s) and latency (p50 / p99, ms)", "", table(rows, [
             "scenario", "conns", "direct", "pass-through", "gateway", "direct ms", "pass-through ms", "gateway ms",
             "gateway / pass-through", "added over direct ms (p50 / p99)", "non-2xx"]), ""]
+        lines += ["### Added latency at half of the gateway's saturation", "",
+                  f"{PACED} connections, each pausing between requests so that together they offer half the "
+                  "gateway's best throughput above; direct gets the same pacing.", "", table(paced, [
+                      "scenario", "offered req/s", "achieved req/s (direct / gateway)", "direct ms (p50 / p99)",
+                      "gateway ms (p50 / p99)", "added ms (p50 / p99)", "non-2xx"]), ""]
 
         if not args.skip_growth:
             growth = []
@@ -210,7 +252,8 @@ def main() -> None:
                 with sqlite3.connect(db) as connection:
                     present = connection.execute("SELECT COUNT(*) FROM ledger WHERE period_key = '2026-10'").fetchone()[0]
                 fill(db, total - present)
-                gateway = start_gateway(db, simulator.url)
+                gateway = start_gateway(db, simulator.url, args.loop)
+                drain(db, running_handle)
                 status = wrk(gateway.url, f"/v2/requests/status/{done_handle}", token, "GET", 16, args.seconds)
                 submit = wrk(gateway.url, SUBMIT, token, "POST", 16, args.seconds)
                 started = time.perf_counter()
@@ -227,7 +270,7 @@ def main() -> None:
         fresh = work / "memory.db"
         cli("teams", "create", "bench", "--budget", "1000000000", db=fresh)
         post(simulator.url + "/_simulator/settings", {"queued_seconds": 3600}, upstream_key)
-        gateway = start_gateway(fresh, simulator.url)
+        gateway = start_gateway(fresh, simulator.url, args.loop)
         baseline = gateway.rss_peak_kib()
         asyncio.run(submit_many(gateway.url, token, 10_000))
         time.sleep(6)  # one tracker round over all of them

@@ -2,6 +2,7 @@
 
     python -m tests.bench.servers simulator --port P --key K
     python -m tests.bench.servers passthrough --port P --upstream URL
+    (either with --loop uvloop to run on uvloop, as the gateway can)
 
 ``passthrough`` is the floor for any Python proxy: a few lines of aiohttp that
 forward method, path, headers and body to the upstream over one session.
@@ -48,13 +49,18 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--key", default="bench-upstream-key")
     parser.add_argument("--upstream", default="")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
     if args.kind == "simulator":
         settings = SimulatorSettings(key=args.key, queued_seconds=0.0, processing_seconds=0.0)
         app = Simulator(load_catalog(ROOT / "policies"), settings).build_app()
     else:
         app = passthrough_app(args.upstream.rstrip("/"))
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    loop = None
+    if args.loop == "uvloop":
+        import uvloop
+        loop = uvloop.new_event_loop()
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None, loop=loop)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 local method = os.getenv("BENCH_METHOD") or "POST"
 local path = os.getenv("BENCH_PATH")
 local counter = 0
+local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Ocp-Apim-Subscription-Key"] = os.getenv("BENCH_KEY")
 math.randomseed(os.time())
@@ -15,4 +16,11 @@ request = function()
   end
   local body = string.format('{"prompt": "benchmark %d-%d", "duration": %d}', salt, counter, 3 + counter % 8)
   return wrk.format("POST", path, nil, body)
+end
+
+-- BENCH_DELAY_MS paces each connection (a rate well below saturation, for latency at a given load)
+if pause > 0 then
+  delay = function()
+    return pause
+  end
 end
