@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from proxy.store.sqlite import SQLiteStore
 from proxy.store.writer import MAX_BATCH, GroupCommitWriter
 
 
@@ -33,6 +35,15 @@ def insert(n: int):
     return fn
 
 
+@pytest.fixture
+async def writer(tmp_path: Path) -> AsyncIterator[GroupCommitWriter]:
+    """A started writer on ``tmp_path / "w.db"``, stopped after the test."""
+    started = GroupCommitWriter(connector(tmp_path / "w.db"))
+    await started.start()
+    yield started
+    await started.stop()
+
+
 async def hold_writer(writer: GroupCommitWriter) -> tuple[asyncio.Future[int], threading.Event]:
     """A write that blocks the writer thread until released, so what is queued meanwhile forms one batch."""
     started, release = threading.Event(), threading.Event()
@@ -48,73 +59,60 @@ async def hold_writer(writer: GroupCommitWriter) -> tuple[asyncio.Future[int], t
     return future, release
 
 
-async def test_queued_writes_share_one_commit_and_a_failure_keeps_nothing_of_its_own(tmp_path: Path) -> None:
-    writer = GroupCommitWriter(connector(tmp_path / "w.db"))
-    await writer.start()
-    try:
-        first, release = await hold_writer(writer)
+async def test_queued_writes_share_one_commit_and_a_failure_keeps_nothing_of_its_own(
+        tmp_path: Path, writer: GroupCommitWriter) -> None:
+    first, release = await hold_writer(writer)
 
-        def half_then_fail(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO t (n) VALUES (500)")
-            raise ValueError("refused after writing")
+    def half_then_fail(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t (n) VALUES (500)")
+        raise ValueError("refused after writing")
 
-        futures = [writer.submit(insert(n)) for n in range(1, 21)]
-        failing = writer.submit(half_then_fail)
-        futures += [writer.submit(insert(n)) for n in range(21, 41)]
-        release.set()
-        assert await first == 0
-        assert await asyncio.gather(*futures) == list(range(1, 41))
-        with pytest.raises(ValueError, match="refused after writing"):
-            await failing
-        assert writer.commits == 2  # the held write, then the 41 queued behind it together
-        assert rows(tmp_path / "w.db") == list(range(0, 41))  # 500 rolled back to its savepoint
-    finally:
-        await writer.stop()
+    futures = [writer.submit(insert(n)) for n in range(1, 21)]
+    failing = writer.submit(half_then_fail)
+    futures += [writer.submit(insert(n)) for n in range(21, 41)]
+    release.set()
+    assert await first == 0
+    assert await asyncio.gather(*futures) == list(range(1, 41))
+    with pytest.raises(ValueError, match="refused after writing"):
+        await failing
+    assert writer.commits == 2  # the held write, then the 41 queued behind it together
+    assert rows(tmp_path / "w.db") == list(range(0, 41))  # 500 rolled back to its savepoint
 
 
-async def test_a_batch_is_capped_so_the_write_lock_is_never_held_for_long(tmp_path: Path) -> None:
-    writer = GroupCommitWriter(connector(tmp_path / "w.db"))
-    await writer.start()
-    try:
-        first, release = await hold_writer(writer)
-        futures = [writer.submit(insert(n)) for n in range(1, MAX_BATCH * 2 + 2)]
-        release.set()
-        await first
-        await asyncio.gather(*futures)
-        assert writer.commits == 1 + 3  # 129 queued writes: 64 + 64 + 1
-        assert len(rows(tmp_path / "w.db")) == MAX_BATCH * 2 + 2
-    finally:
-        await writer.stop()
+async def test_a_batch_is_capped_so_the_write_lock_is_never_held_for_long(
+        tmp_path: Path, writer: GroupCommitWriter) -> None:
+    first, release = await hold_writer(writer)
+    futures = [writer.submit(insert(n)) for n in range(1, MAX_BATCH * 2 + 2)]
+    release.set()
+    await first
+    await asyncio.gather(*futures)
+    assert writer.commits == 1 + 3  # 129 queued writes: 64 + 64 + 1
+    assert len(rows(tmp_path / "w.db")) == MAX_BATCH * 2 + 2
 
 
-async def test_a_transaction_sqlite_abandons_fails_the_writes_it_carried_and_not_later_ones(tmp_path: Path) -> None:
-    writer = GroupCommitWriter(connector(tmp_path / "w.db"))
-    await writer.start()
-    try:
-        first, release = await hold_writer(writer)
+async def test_a_transaction_sqlite_abandons_fails_the_writes_it_carried_and_not_later_ones(
+        tmp_path: Path, writer: GroupCommitWriter) -> None:
+    first, release = await hold_writer(writer)
 
-        def abandon(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO t (n) VALUES (600)")
-            db.execute("ROLLBACK")  # what SQLite itself does on SQLITE_FULL or an I/O error
-            raise sqlite3.OperationalError("database or disk is full")
+    def abandon(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t (n) VALUES (600)")
+        db.execute("ROLLBACK")  # what SQLite itself does on SQLITE_FULL or an I/O error
+        raise sqlite3.OperationalError("database or disk is full")
 
-        before = [writer.submit(insert(n)) for n in (1, 2, 3)]
-        failing = writer.submit(abandon)
-        after = [writer.submit(insert(n)) for n in (4, 5)]
-        release.set()
-        await first
-        for future in (*before, failing):
-            with pytest.raises(sqlite3.OperationalError, match="disk is full"):
-                await future
-        assert await asyncio.gather(*after) == [4, 5]
-        assert rows(tmp_path / "w.db") == [0, 4, 5]  # what was reported as failed was indeed not kept
-    finally:
-        await writer.stop()
+    before = [writer.submit(insert(n)) for n in (1, 2, 3)]
+    failing = writer.submit(abandon)
+    after = [writer.submit(insert(n)) for n in (4, 5)]
+    release.set()
+    await first
+    for future in (*before, failing):
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            await future
+    assert await asyncio.gather(*after) == [4, 5]
+    assert rows(tmp_path / "w.db") == [0, 4, 5]  # what was reported as failed was indeed not kept
 
 
-async def test_writes_queued_before_stop_are_finished_and_later_ones_refused(tmp_path: Path) -> None:
-    writer = GroupCommitWriter(connector(tmp_path / "w.db"))
-    await writer.start()
+async def test_writes_queued_before_stop_are_finished_and_later_ones_refused(
+        tmp_path: Path, writer: GroupCommitWriter) -> None:
     futures = [writer.submit(insert(n)) for n in range(1, 11)]
     await writer.stop()
     assert [f.result() for f in futures] == list(range(1, 11))
@@ -124,8 +122,6 @@ async def test_writes_queued_before_stop_are_finished_and_later_ones_refused(tmp
 
 
 async def test_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(tmp_path: Path) -> None:
-    from proxy.store.sqlite import SQLiteStore
-
     path = tmp_path / "wal.db"
     store = SQLiteStore(path, checkpoint_seconds=0.05)
     await store.open()

@@ -50,7 +50,7 @@ class Checkpointer:
 
     def checkpoint(self, db: sqlite3.Connection) -> None:
         try:
-            busy, _, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            _, _, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as error:  # the next round tries again; the WAL only grows meanwhile
             logger.warning("WAL checkpoint failed: %s", error)
             return

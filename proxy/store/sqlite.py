@@ -139,11 +139,6 @@ class SQLiteStore:
             self._reader_connections.clear()
         self._local = threading.local()
 
-    @property
-    def commits(self) -> int:
-        """Write batches committed since open (several concurrent writes share one)."""
-        return self._writer.commits if self._writer is not None else 0
-
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(db, *args)`` atomically on the writer thread: committed, or rolled back if it raises."""
         if self._writer is None:

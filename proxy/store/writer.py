@@ -48,8 +48,7 @@ class GroupCommitWriter:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opened: asyncio.Future[None] | None = None
-        self.connection: sqlite3.Connection | None = None
-        self.commits = 0  # batches committed, for tests and the benchmark
+        self.commits = 0  # batches committed (tests read it)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -80,12 +79,11 @@ class GroupCommitWriter:
     def _run(self) -> None:
         assert self._loop is not None and self._opened is not None
         try:
-            self.connection = self._connect()
+            db = self._connect()
         except BaseException as error:  # noqa: BLE001 - handed to start()'s caller
             self._loop.call_soon_threadsafe(_settle, [(self._opened, None, error)])
             return
         self._loop.call_soon_threadsafe(_settle, [(self._opened, None, None)])
-        db = self.connection
         stopping = False
         while not stopping:
             work = self._queue.get()
@@ -103,10 +101,11 @@ class GroupCommitWriter:
                 batch.append(more)
             outcomes: list[_Outcome] = []
             pending: list[_Work] = []
-            for fn, future, transaction in batch:
+            for work in batch:
+                fn, future, transaction = work
                 if transaction:
-                    pending.append((fn, future, transaction))
-                else:
+                    pending.append(work)
+                else:  # commit what came before it, then run it alone
                     outcomes.extend(self._commit(db, pending))
                     pending = []
                     outcomes.append(_call(fn, db, future))
