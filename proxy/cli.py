@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .logs import configure_logging
 from .money import micros_to_usd, usd_to_micros
 from .policyfile import PolicyError
@@ -143,22 +143,17 @@ def _serve(args: argparse.Namespace) -> int:
     # SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to 30 s), then run the
     # cleanup contexts: background tasks stop, clients close, the store closes last.
     web.run_app(app, host=config.host, port=config.port, print=None, access_log=None, shutdown_timeout=30,
-                loop=_event_loop(config.event_loop))
+                loop=_event_loop(config))
     logger.info("pixazo-proxy stopped", extra={"event": "shutdown"})
     return 0
 
 
-def _event_loop(choice: str) -> asyncio.AbstractEventLoop:
-    """uvloop when asked for, or when ``auto`` and installed (``pixazo-proxy[fast]``); asyncio's own otherwise."""
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":  # check_config refuses this earlier; kept for a clear message
-                raise
-        else:
-            logger.info("event loop: uvloop %s", uvloop.__version__)
-            return uvloop.new_event_loop()
+def _event_loop(config: Config) -> asyncio.AbstractEventLoop:
+    if config.uses_uvloop:
+        import uvloop
+
+        logger.info("event loop: uvloop %s", uvloop.__version__)
+        return uvloop.new_event_loop()
     logger.info("event loop: asyncio")
     return asyncio.new_event_loop()
 

@@ -84,6 +84,12 @@ class Config:
     event_loop: str = "auto"
 
     @property
+    def uses_uvloop(self) -> bool:
+        """Serve on uvloop: asked for, or ``auto`` and installed (``pixazo-proxy[fast]``)."""
+        installed = importlib.util.find_spec("uvloop") is not None
+        return self.event_loop == "uvloop" or (self.event_loop == "auto" and installed)
+
+    @property
     def base_url(self) -> str:
         """The gateway's public URL, used to build ``polling_url``."""
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
