@@ -32,8 +32,9 @@ from aiohttp import web
 
 from .budget import period_key
 from .clock import Clock, iso_utc, new_request_id
-from .errors import BadRequest, BudgetExceeded, TooManyRequests
+from .errors import BudgetExceeded, TooManyRequests
 from .forward import STATUS_PATH, submission_for
+from .headers import CACHE_HEADER
 from .metrics import Metrics
 from .money import micros_to_usd
 from .pipeline import Policy, SubmitContext
@@ -44,7 +45,6 @@ from .validate import canonical_json
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.toml"
-CACHE_HEADER = "X-Proxy-Cache"
 CLAIM_ATTEMPTS = 3
 
 
@@ -85,13 +85,11 @@ def fingerprint(model_id: str, params: dict[str, Any], team: str | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def bypasses(headers: Any, honor_no_cache: bool) -> bool:
-    asked = headers.get(CACHE_HEADER)
-    if asked is not None:
-        if asked.strip().lower() != "bypass":
-            raise BadRequest(f"{CACHE_HEADER} on a request may only be 'bypass'")
+def bypasses(ctx: SubmitContext, honor_no_cache: bool) -> bool:
+    """``X-Proxy-Cache: bypass`` (parsed by Validate), ``Cache-Control: no-store``, or ``no-cache`` if honored."""
+    if ctx.cache_bypass:
         return True
-    directives = {part.strip().lower() for part in headers.get("Cache-Control", "").split(",")}
+    directives = {part.strip().lower() for part in ctx.request.headers.get("Cache-Control", "").split(",")}
     return "no-store" in directives or (honor_no_cache and "no-cache" in directives)
 
 
@@ -116,12 +114,11 @@ class Dedup(Policy):
 
     async def on_request(self, ctx: SubmitContext) -> None:
         assert ctx.params is not None and ctx.principal is not None
-        bypass = bypasses(ctx.request.headers, self.rules.honor_no_cache)  # a bad header is refused, dry run or not
         if ctx.dry_run:
             return
         fp = fingerprint(ctx.model.id, ctx.params, ctx.principal.team if self.rules.scope == "team" else None)
         ctx.fingerprint = fp
-        if bypass:
+        if bypasses(ctx, self.rules.honor_no_cache):
             self._answered(ctx, "BYPASS")
             return
         for _ in range(CLAIM_ATTEMPTS):

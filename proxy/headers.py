@@ -10,6 +10,7 @@ from .money import MAX_MICROS, MICROS_PER_USD
 
 DRY_RUN_HEADER = "X-Proxy-Dry-Run"
 MAX_COST_HEADER = "X-Max-Cost-USD"
+CACHE_HEADER = "X-Proxy-Cache"
 
 
 def is_dry_run(headers: Any) -> bool:
@@ -37,3 +38,13 @@ def cost_cap(headers: Any) -> int | None:
     if not amount.is_finite() or amount < 0:
         raise BadRequest(f"{MAX_COST_HEADER} must be an amount of at least 0")
     return min(MAX_MICROS, int((amount * MICROS_PER_USD).to_integral_value(rounding="ROUND_FLOOR")))
+
+
+def asks_cache_bypass(headers: Any) -> bool:
+    """Whether ``X-Proxy-Cache: bypass`` was sent; any other value is refused."""
+    value = headers.get(CACHE_HEADER)
+    if value is None:
+        return False
+    if value.strip().lower() != "bypass":
+        raise BadRequest(f"{CACHE_HEADER} on a request may only be 'bypass'")
+    return True

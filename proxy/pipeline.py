@@ -46,6 +46,7 @@ class SubmitContext:
     hold: Hold | None = None
     dry_run: bool = False
     cost_cap: int | None = None
+    cache_bypass: bool = False  # X-Proxy-Cache: bypass
     fingerprint: str | None = None
     cache_claim: asyncio.Future[int] | None = None  # this request is the one submitting its fingerprint
     idempotency_scope: tuple[str, str, str] | None = None  # (team, user, key) this request holds in flight

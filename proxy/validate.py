@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from .errors import BadRequest, PayloadTooLarge
-from .headers import cost_cap, is_dry_run
+from .headers import asks_cache_bypass, cost_cap, is_dry_run
 from .pipeline import Policy, SubmitContext
 
 if TYPE_CHECKING:
@@ -168,5 +168,6 @@ class Validate(Policy):
     async def on_request(self, ctx: SubmitContext) -> None:
         ctx.dry_run = is_dry_run(ctx.request.headers)  # the gateway's own headers, before anything can answer
         ctx.cost_cap = cost_cap(ctx.request.headers)
+        ctx.cache_bypass = asks_cache_bypass(ctx.request.headers)
         body = await read_json_body(ctx.request, self.max_body_bytes)
         ctx.params = normalize(ctx.model, body)
