@@ -46,9 +46,10 @@ class Record(Policy):
     async def on_response(self, ctx: SubmitContext) -> None:
         assert ctx.job_id is not None and ctx.upstream is not None
         await self.store.mark_submitted(ctx.job_id, ctx.upstream["request_id"], _initial_status(ctx.upstream))
-        logger.debug("accepted %s", ctx.handle, extra={
-            "event": "submit.accepted", "handle": ctx.handle, "team": ctx.principal and ctx.principal.team,
-            "user": ctx.principal and ctx.principal.user, "model": ctx.model.id, "cache": ctx.cache})
+        if logger.isEnabledFor(logging.DEBUG):  # the access line says this at INFO; skip building it otherwise
+            logger.debug("accepted %s", ctx.handle, extra={
+                "event": "submit.accepted", "handle": ctx.handle, "team": ctx.principal and ctx.principal.team,
+                "user": ctx.principal and ctx.principal.user, "model": ctx.model.id, "cache": ctx.cache})
 
     async def on_failure(self, ctx: SubmitContext, error: BaseException) -> None:
         if ctx.job_id is not None:
