@@ -148,7 +148,7 @@ class Dedup(Policy):
     def _answered(self, ctx: SubmitContext, result: str) -> None:
         """How the cache answered, counted when decided (a request refused later still was a miss)."""
         ctx.cache = result
-        self.metrics.cache_events.labels(result=result.lower()).inc()
+        self.metrics.child(self.metrics.cache_events, result.lower()).inc()
 
     async def _attach(self, ctx: SubmitContext, job_id: int, status: str) -> None:
         assert ctx.team is not None

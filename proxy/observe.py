@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from .metrics import Metrics, status_class, upstream_seconds
+from .metrics import Metrics, upstream_seconds
 
 access_logger = logging.getLogger("proxy.access")
 
@@ -46,12 +46,7 @@ def observe_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awa
             resource = request.match_info.route.resource
             route = resource.canonical if resource is not None else "unmatched"
             team = request.get(TEAM, "")
-            metrics.requests.labels(route=route, model=request.get(MODEL, ""), team=team,
-                                    status_class=status_class(status)).inc()
-            metrics.request_duration.labels(route=route).observe(elapsed)
-            metrics.overhead.labels(route=route).observe(max(0.0, elapsed - sum(spent)))
-            if status == 402 and team:
-                metrics.budget_rejections.labels(team=team).inc()
+            metrics.request_answered(route, request.get(MODEL, ""), team, status, elapsed, sum(spent))
             access_logger.info(
                 "%s %s %d", request.method, route, status,
                 extra={"event": "http.request", "method": request.method, "route": route, "status": status,

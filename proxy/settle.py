@@ -49,7 +49,7 @@ class Settler:
         if applied and reservation is not None and self.metrics is not None:
             started = datetime.strptime(reservation.created_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
             seconds = (datetime.now(UTC) - started).total_seconds()
-            self.metrics.job_duration.labels(model=reservation.model).observe(max(0.0, seconds))
+            self.metrics.child(self.metrics.job_duration, reservation.model).observe(max(0.0, seconds))
             logger.info("job of %s ended %s", reservation.handle, update.status,
                         extra={"event": "job.finished", "handle": reservation.handle, "team": reservation.team,
                                "model": reservation.model, "status": update.status,
