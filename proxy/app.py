@@ -45,6 +45,7 @@ from .sweeper import Sweeper
 from .tracker import Tracker
 from .upstream import Upstream
 from .validate import Validate
+from .views import TerminalAnswers
 from .webhooks import Webhook, WebhookSender, load_delivery_rules
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         sweeper=sweeper,
         tracker=tracker,
         webhooks=sender,
+        terminal_answers=TerminalAnswers(),
     )
 
     async def open_store(app: web.Application) -> AsyncIterator[None]:

@@ -41,12 +41,20 @@ async def request_status(request: web.Request) -> web.StreamResponse:
     principal = await services.authenticator.authenticate(request.headers)
     request[TEAM], request[USER] = principal.team, principal.user
     handle = request.match_info["request_id"]
-    view = await services.store.get_handle(handle) if len(handle) <= MAX_HANDLE_LENGTH else None
-    if view is None or (view.team != principal.team and not principal.admin):
+    answer = services.terminal_answers.get(handle)
+    if answer is None:
+        view = await services.store.get_handle(handle) if len(handle) <= MAX_HANDLE_LENGTH else None
+        if view is None or (view.team != principal.team and not principal.admin):
+            raise NotFound("Request not found")
+        request[HANDLE], request[MODEL] = view.handle, view.model
+        view = await services.refresher.current(view)
+        if not view.terminal:
+            return web.json_response(status_body(view))
+        answer = services.terminal_answers.remember(view)
+    elif answer.team != principal.team and not principal.admin:
         raise NotFound("Request not found")
-    request[HANDLE], request[MODEL] = view.handle, view.model
-    view = await services.refresher.current(view)
-    return web.json_response(status_body(view))
+    request[HANDLE], request[MODEL] = handle, answer.model
+    return web.Response(body=answer.body, content_type="application/json", charset="utf-8")
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:

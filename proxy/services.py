@@ -20,6 +20,7 @@ from .sweeper import Sweeper
 from .tracker import Tracker
 from .webhooks import WebhookSender
 from .upstream import Upstream
+from .views import TerminalAnswers
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Services:
     sweeper: Sweeper
     tracker: Tracker
     webhooks: WebhookSender
+    terminal_answers: TerminalAnswers
 
 
 SERVICES = web.AppKey("services", Services)

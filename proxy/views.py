@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from .store import HandleView
+from .ttlcache import TtlCache
 
 
 def status_body(view: HandleView) -> dict[str, Any]:
@@ -19,3 +22,35 @@ def status_body(view: HandleView) -> dict[str, Any]:
         "updated_at": view.updated_at,
         "completed_at": view.completed_at,
     }
+
+
+@dataclass(frozen=True)
+class TerminalAnswer:
+    """A finished job's status answer, encoded once, with what the status route checks and logs."""
+
+    team: str
+    model: str
+    body: bytes
+
+
+class TerminalAnswers:
+    """Encoded status answers of finished jobs, so polling one costs neither a store read nor an encode.
+
+    A terminal job's row never changes again (the store's updates skip terminal rows and nothing deletes
+    handles), so an entry cannot go stale; entries still expire after ``ttl_seconds`` so a row repaired by
+    hand shows within that, and at most ``max_entries`` are kept.
+    """
+
+    def __init__(self, max_entries: int = 20_000, ttl_seconds: float = 300.0) -> None:
+        self._answers: TtlCache[str, TerminalAnswer] = TtlCache(ttl_seconds, max_entries)
+
+    def get(self, handle: str) -> TerminalAnswer | None:
+        return self._answers.get(handle)
+
+    def remember(self, view: HandleView) -> TerminalAnswer:
+        """The answer for ``view``, which must be terminal, kept for the next poll."""
+        if not view.terminal:
+            raise ValueError(f"{view.handle} is {view.status}, not terminal")
+        answer = TerminalAnswer(view.team, view.model, json.dumps(status_body(view)).encode())
+        self._answers.put(view.handle, answer)
+        return answer

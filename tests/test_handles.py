@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from proxy.simulator import Simulator
 from tests.conftest import Gateway, auth, wait_for_status
 
@@ -44,3 +46,27 @@ async def test_a_handle_the_upstream_refused_is_never_visible(gateway: Gateway, 
         [(handle,)] = db.execute("SELECT id FROM handles").fetchall()
 
     assert await gateway.status(handle) == (404, {"error": "Not Found", "message": "Request not found"})
+
+
+async def raw_status(gateway: Gateway, handle: str, headers: dict[str, str]) -> tuple[int, str, bytes]:
+    async with gateway.http.get(f"{gateway.url}/v2/requests/status/{handle}", headers=headers) as response:
+        return response.status, response.headers["Content-Type"], await response.read()
+
+
+async def test_a_finished_jobs_remembered_answer_is_the_stores_answer_and_still_checks_the_team(
+        gateway: Gateway, simulator: Simulator) -> None:
+    _, submitted, _ = await gateway.submit(headers=auth(team="design", user="alice"))
+    handle = submitted["request_id"]
+    finished = await wait_for_status(gateway, handle, {"COMPLETED"}, auth(team="design", user="alice"))
+    first = await raw_status(gateway, handle, auth(team="design", user="alice"))  # from the store, then kept
+    calls_at_terminal = len(simulator.calls_of("status"))
+
+    again = await raw_status(gateway, handle, auth(team="design", user="bob"))  # from memory
+    other_team = await gateway.status(handle, auth(team="research"))
+    admin = await raw_status(gateway, handle, auth(team="research", user="root", role="admin"))
+
+    assert first[0] == 200 and first[1] == "application/json; charset=utf-8"
+    assert again == first and admin == first
+    assert json.loads(again[2]) == finished
+    assert other_team == (404, {"error": "Not Found", "message": "Request not found"})
+    assert len(simulator.calls_of("status")) == calls_at_terminal
