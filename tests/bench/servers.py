@@ -2,7 +2,7 @@
 
     python -m tests.bench.servers simulator --port P --key K
     python -m tests.bench.servers passthrough --port P --upstream URL
-    python -m tests.bench.servers durable --port P --upstream URL --db PATH
+    python -m tests.bench.servers durable --port P --upstream URL --db PATH [--synchronous NORMAL]
     (either with --loop uvloop to run on uvloop, as the gateway can)
 
 ``passthrough`` is the floor for any Python proxy: a few lines of aiohttp that
@@ -51,13 +51,13 @@ def passthrough_app(upstream: str) -> web.Application:
     return app
 
 
-def durable_app(upstream: str, db_path: str) -> web.Application:
+def durable_app(upstream: str, db_path: str, synchronous: str = "FULL") -> web.Application:
     app = web.Application()
 
     def connect() -> sqlite3.Connection:
         db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
+        db.execute(f"PRAGMA synchronous = {synchronous}")
         db.execute("CREATE TABLE IF NOT EXISTS submits (id INTEGER PRIMARY KEY, body BLOB, answer BLOB)")
         return db
 
@@ -88,13 +88,15 @@ def main() -> None:
     parser.add_argument("--key", default="bench-upstream-key")
     parser.add_argument("--upstream", default="")
     parser.add_argument("--db", default="", help="durable: the SQLite file it writes")
+    parser.add_argument("--synchronous", choices=("FULL", "NORMAL"), default="FULL",
+                        help="durable: FULL survives a power cut (the gateway's setting), NORMAL only a process crash")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
     if args.kind == "simulator":
         settings = SimulatorSettings(key=args.key, queued_seconds=0.0, processing_seconds=0.0)
         app = Simulator(load_catalog(ROOT / "policies"), settings).build_app()
     elif args.kind == "durable":
-        app = durable_app(args.upstream.rstrip("/"), args.db)
+        app = durable_app(args.upstream.rstrip("/"), args.db, args.synchronous)
     else:
         app = passthrough_app(args.upstream.rstrip("/"))
     loop = None
