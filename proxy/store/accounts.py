@@ -114,19 +114,8 @@ def reserve(db: sqlite3.Connection, *, team: Team, user: str, hold: Hold, job_id
     _check_concurrency(db, team)
     estimate = hold.estimate
     for scope, key, limit, who in _caps(team, user, hold):
-        ensure_totals(db, scope, key)
-        if limit is None:
-            db.execute(
-                "UPDATE budget_totals SET reserved_micros = reserved_micros + ? WHERE scope = ? AND period_key = ?",
-                (estimate.amount_micros, scope, key),
-            )
-            continue
-        cursor = db.execute(
-            "UPDATE budget_totals SET reserved_micros = reserved_micros + ? WHERE scope = ? AND period_key = ? "
-            "AND spent_micros + reserved_micros + ? <= ? + credit_micros",
-            (estimate.amount_micros, scope, key, estimate.amount_micros, limit),
-        )
-        if cursor.rowcount != 1:
+        if not _add_reserved(db, scope, key, estimate.amount_micros, limit):
+            assert limit is not None  # only a limit refuses
             spent, reserved, credit, _ = totals(db, scope, key)
             allowance = limit + credit
             raise BudgetExceeded(_refusal(who, team, user, key, allowance, max(0, allowance - spent - reserved),
@@ -141,21 +130,41 @@ def reserve(db: sqlite3.Connection, *, team: Team, user: str, hold: Hold, job_id
                         model=model, seconds=estimate.seconds, resolution=estimate.resolution,
                         period_key=hold.period_key, global_period_key=hold.global_period_key,
                         reserved_delta=estimate.amount_micros, basis=estimate.basis)
-    view = budget_view(db, team, hold.period_key)
-    return view, soft_alert(db, team, hold.period_key)
+    spent, reserved, credit, alerted = totals(db, team_scope(team.name), hold.period_key)
+    view = BudgetView(team.name, hold.period_key, team.budget_limit_micros, credit, spent, reserved)
+    return view, _soft_alert(db, team, hold.period_key, spent + reserved, credit, alerted)
 
 
-def soft_alert(db: sqlite3.Connection, team: Team, period_key: str) -> SoftAlert | None:
+def _add_reserved(db: sqlite3.Connection, scope: str, key: str, amount: int, limit: int | None) -> bool:
+    """Add ``amount`` to the scope's reserved total if spent + reserved stays within ``limit`` (None: no limit).
+
+    The conditional update comes first; only when it changes nothing is the period's row created (its first
+    use) and the update tried once more, so the common case is one statement instead of two.
+    """
+    sql = "UPDATE budget_totals SET reserved_micros = reserved_micros + ? WHERE scope = ? AND period_key = ?"
+    params: tuple[Any, ...] = (amount, scope, key)
+    if limit is not None:
+        sql += " AND spent_micros + reserved_micros + ? <= ? + credit_micros"
+        params += (amount, limit)
+    if db.execute(sql, params).rowcount == 1:
+        return True
+    created = db.execute(
+        "INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (scope, key)
+    ).rowcount
+    return created == 1 and db.execute(sql, params).rowcount == 1
+
+
+def _soft_alert(db: sqlite3.Connection, team: Team, period_key: str, used: int, credit: int,
+                alerted: bool) -> SoftAlert | None:
     """Mark and return the team's soft alert for the period the first time usage reaches the threshold."""
-    spent, reserved, credit, alerted = totals(db, team_scope(team.name), period_key)
     allowance = team.budget_limit_micros + credit
-    if alerted or allowance <= 0 or (spent + reserved) * 100 < team.soft_threshold_percent * allowance:
+    if alerted or allowance <= 0 or used * 100 < team.soft_threshold_percent * allowance:
         return None
     db.execute(
         "UPDATE budget_totals SET soft_alerted = 1 WHERE scope = ? AND period_key = ?",
         (team_scope(team.name), period_key),
     )
-    return SoftAlert(team.name, period_key, team.soft_threshold_percent, spent + reserved, allowance)
+    return SoftAlert(team.name, period_key, team.soft_threshold_percent, used, allowance)
 
 
 def resolve(db: sqlite3.Connection, job_id: int, decision: Decision, now: str) -> bool:
