@@ -269,7 +269,7 @@ def main() -> None:
         lines += ["### The floor for a submit that must not be lost", "",
                   "`durable` is the pass-through plus the two durable writes any proxy that must not lose a paid "
                   "job makes per submit: a record before the upstream call and the upstream's answer after it, "
-                  "through the gateway's own group-commit writer (WAL, synchronous=FULL), nothing else "
+                  "through the gateway's own group-commit writer and checkpoint thread (WAL, synchronous=FULL), nothing else "
                   "(`tests/bench/servers.py`). Measured in the same rounds as the row above.", "",
                   table(floor, ["conns", "pass-through req/s", "durable req/s", "gateway req/s", "durable ms (p50 / p99)",
                                 "durable / pass-through", "gateway / durable", "durable added over direct, p50 ms",

@@ -10,7 +10,8 @@ forward method, path, headers and body to the upstream over one session.
 ``durable`` is the floor for a proxy that must not lose a submit: the same pass-through plus the two
 durable writes any such proxy makes per submit (a record before the upstream call, so a crash or power loss
 after the upstream accepted the job still finds it; the upstream's id after it), through the gateway's own
-group-commit writer with the gateway's settings (WAL, ``synchronous=FULL``) and nothing else.
+group-commit writer and checkpoint thread, with the gateway's settings (WAL, ``synchronous=FULL``), and
+nothing else.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from aiohttp import web
 
 from proxy.catalog import load_catalog
 from proxy.simulator import Simulator, SimulatorSettings
+from proxy.store.checkpoint import Checkpointer
 from proxy.store.writer import GroupCommitWriter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,10 +63,18 @@ def durable_app(upstream: str, db_path: str, synchronous: str = "FULL") -> web.A
         db.execute("CREATE TABLE IF NOT EXISTS submits (id INTEGER PRIMARY KEY, body BLOB, answer BLOB)")
         return db
 
+    def connect_writer() -> sqlite3.Connection:  # as the gateway's store: checkpoints on their own thread
+        db = connect()
+        db.execute("PRAGMA wal_autocheckpoint = 0")
+        return db
+
     async def writer_ctx(app: web.Application):
-        app["writer"] = GroupCommitWriter(connect)
+        app["writer"] = GroupCommitWriter(connect_writer)
         await app["writer"].start()
+        checkpointer = Checkpointer(connect)
+        checkpointer.start()
         yield
+        checkpointer.stop()
         await app["writer"].stop()
 
     async def forward(request: web.Request) -> web.Response:
