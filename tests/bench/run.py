@@ -8,8 +8,8 @@ request has, so the gateway's cache never answers them. All servers run on the s
 (``--loop``); each cell is run ``--repeat`` times, the servers interleaved, and the table gives medians.
 For submits, a fourth server gives the floor for a proxy that must not lose a paid job: the pass-through
 plus two durable writes (``servers.durable_app``). Also measured: added latency at half of the gateway's
-saturation (wrk paced with a delay per connection), latency with 0, 100k and 1M rows already in the store, a spend report over 1M ledger rows,
-and peak memory with 10k jobs in flight.
+saturation (wrk paced with a delay per connection), latency with 0, 100k and 1M rows already in the
+store, a spend report over 1M ledger rows, and peak memory with 10k jobs in flight.
 """
 
 from __future__ import annotations
@@ -269,8 +269,8 @@ def main() -> None:
         lines += ["### The floor for a submit that must not be lost", "",
                   "`durable` is the pass-through plus the two durable writes any proxy that must not lose a paid "
                   "job makes per submit: a record before the upstream call and the upstream's answer after it, "
-                  "through the gateway's own group-commit writer and checkpoint thread (WAL, synchronous=FULL), nothing else "
-                  "(`tests/bench/servers.py`). Measured in the same rounds as the row above.", "",
+                  "through the gateway's own group-commit writer and checkpoint thread (WAL, synchronous=FULL), "
+                  "nothing else (`tests/bench/servers.py`). Measured in the same rounds as the row above.", "",
                   table(floor, ["conns", "pass-through req/s", "durable req/s", "gateway req/s", "durable ms (p50 / p99)",
                                 "durable / pass-through", "gateway / durable", "durable added over direct, p50 ms",
                                 "non-2xx"]), ""]
