@@ -60,7 +60,7 @@ class TextFormatter(logging.Formatter):
 
 def configure_logging(level: str, fmt: str) -> None:
     # Neither formatter writes a record's thread, process or source line, so do not look them up for every
-    # record (the logging module's documented optimisations; the source-line walk alone cost ~10 µs a line).
+    # record (the logging module's documented optimisations).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None  # type: ignore[attr-defined]
     handler = logging.StreamHandler(sys.stderr)
