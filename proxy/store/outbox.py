@@ -38,22 +38,18 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def enqueue(db: sqlite3.Connection, handle_rows: list[tuple[Any, ...]], status: str, terminal: bool,
-                  now: str, payload_for: Any) -> int:
-    """One delivery per handle that asked for it: sync handles hear every change, terminal ones only the end."""
-    count = 0
-    for row in handle_rows:
-        view, team, url, mode = row
+def enqueue(db: sqlite3.Connection, targets: list[tuple[Any, str, str]], status: str, terminal: bool, now: str,
+            payload_for: Any) -> None:
+    """One delivery per (handle view, url, mode): sync handles hear every change, terminal ones only the end."""
+    for view, url, mode in targets:
         if mode != "sync" and not terminal:
             continue
         db.execute(
             "INSERT INTO outbox (message_id, handle, team, url, status, payload, state, next_attempt_at, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-            (f"msg_{uuid7().hex}", view.handle, team, url, status,
+            (f"msg_{uuid7().hex}", view.handle, view.team, url, status,
              json.dumps(payload_for(view), separators=(",", ":")), now, now),
         )
-        count += 1
-    return count
 
 
 def due(db: sqlite3.Connection, now: str, limit: int) -> list[Delivery]:

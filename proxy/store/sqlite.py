@@ -66,6 +66,9 @@ _RESERVATION_SELECT = """
            r.basis, r.state, r.created_at, j.params, j.status, j.upstream_id
     FROM reservations r JOIN jobs j ON j.id = r.job_id
 """
+#: The handles of one job that asked for webhooks: (url, mode, then the _HANDLE_SELECT columns).
+_WEBHOOK_HANDLES = (_HANDLE_SELECT.replace("SELECT h.id,", "SELECT h.webhook_url, h.webhook_mode, h.id,")
+                    + " AND h.job_id = ? AND h.webhook_url IS NOT NULL")
 #: How long a team row read for a request is reused; changes made by another process (the CLI) show within this.
 TEAM_ROW_SECONDS = 1.0
 _TERMINAL = "(" + ", ".join(f"'{status}'" for status in TERMINAL_STATUSES) + ")"
@@ -581,11 +584,9 @@ def _insert_handle(db: Db, submission: Submission, job_id: int, now: str) -> Non
 
 def _notify(db: Db, job_id: int, status: str, now: str, handle: str | None = None) -> None:
     """Queue webhook deliveries of the job's new ``status`` (to one handle, or to all of the job's)."""
-    sql = _HANDLE_SELECT.replace("SELECT h.id,", "SELECT h.webhook_url, h.webhook_mode, h.id,")
-    sql += " AND h.job_id = ? AND h.webhook_url IS NOT NULL" + (" AND h.id = ?" if handle else "")
-    rows = [(_handle_view(row[2:]), row[3], row[0], row[1])
-            for row in db.execute(sql, (job_id, handle) if handle else (job_id,))]
-    outbox.enqueue(db, rows, status, status in TERMINAL_STATUSES, now, status_body)
+    sql, params = (_WEBHOOK_HANDLES + " AND h.id = ?", (job_id, handle)) if handle else (_WEBHOOK_HANDLES, (job_id,))
+    targets = [(_handle_view(row[2:]), row[0], row[1]) for row in db.execute(sql, params)]
+    outbox.enqueue(db, targets, status, status in TERMINAL_STATUSES, now, status_body)
 
 
 def _handle_view(row: Any) -> HandleView:
