@@ -55,7 +55,7 @@ class Alerts:
         }
         logger.warning("team %s reached %d%% of its budget for %s: $%s of $%s", alert.team, alert.threshold_percent,
                        alert.period_key, payload["used_usd"], payload["limit_usd"])
-        self.metrics.soft_limit_alerts.labels(team=alert.team).inc()
+        self.metrics.child(self.metrics.soft_limit_alerts, alert.team).inc()
         self.sent.append(payload)
         if self._session is not None:
             task = asyncio.ensure_future(self._post(payload))

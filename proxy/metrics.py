@@ -30,7 +30,7 @@ from . import __version__
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 JOB_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 3600, 7200)
 
-#: Seconds spent waiting on the upstream during the current request (see ``metrics_middleware``).
+#: Seconds spent waiting on the upstream during the current request (see ``proxy.observe``).
 upstream_seconds: ContextVar[list[float] | None] = ContextVar("upstream_seconds", default=None)
 
 

@@ -177,13 +177,13 @@ class WebhookSender:
             if ok:
                 await self.store.delivery_done(delivery.id, delivered=True, attempts=attempts,
                                                next_attempt_at=None, error=None)
-                self.metrics.webhook_deliveries.labels(outcome="delivered").inc()
+                self.metrics.child(self.metrics.webhook_deliveries, "delivered").inc()
                 return
             schedule = self.rules.retry_schedule_seconds
             if attempts > len(schedule):
                 await self.store.delivery_done(delivery.id, delivered=False, attempts=attempts,
                                                next_attempt_at=None, error=error)
-                self.metrics.webhook_deliveries.labels(outcome="failed").inc()
+                self.metrics.child(self.metrics.webhook_deliveries, "failed").inc()
                 logger.error("webhook %s for %s given up after %d attempts: %s", delivery.message_id,
                              delivery.handle, attempts, error)
                 return
@@ -192,7 +192,7 @@ class WebhookSender:
             next_at = iso_utc(datetime.now(UTC) + timedelta(seconds=wait))
             await self.store.delivery_done(delivery.id, delivered=False, attempts=attempts,
                                            next_attempt_at=next_at, error=error)
-            self.metrics.webhook_deliveries.labels(outcome="retried").inc()
+            self.metrics.child(self.metrics.webhook_deliveries, "retried").inc()
             logger.warning("webhook %s for %s attempt %d failed (%s); next in %.1fs", delivery.message_id,
                            delivery.handle, attempts, error, wait)
 
