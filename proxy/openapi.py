@@ -10,12 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
+from .admin import MAX_PAGE, PERIOD_KEY, TEAM_NAME as TEAM_NAME_RE
 from .catalog import Catalog, FieldSpec, ModelSpec
+from .store import PERIODS
+from .upstream import UPSTREAM_STATUSES
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 MONEY = {"type": "string", "pattern": r"^-?\d+\.\d{2,6}$"}
-TEAM_NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"}
-STATUSES = ["QUEUED", "PROCESSING", "COMPLETED", "FAILED", "ERROR"]
+TEAM_NAME = {"type": "string", "pattern": TEAM_NAME_RE.pattern}
+STATUSES = list(UPSTREAM_STATUSES)
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -113,12 +116,11 @@ def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 TEAM_PARAMETER = {"name": "team", "in": "path", "required": True, "schema": TEAM_NAME}
-PERIOD = _query("period", {"type": "string", "pattern": (
-    r"^(total|\d{4}-(0[1-9]|1[0-2])|\d{4}-W(0[1-9]|[1-4]\d|5[0-3])|\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01]))$")})
-LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})
+PERIOD = _query("period", {"type": "string", "pattern": PERIOD_KEY.pattern})
+LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE})
 TEAM_SETTINGS = {
     "budget_usd": {"type": "string", "pattern": r"^\d{1,12}(\.\d{1,6})?$"},
-    "period": {"type": "string", "enum": ["month", "week", "day", "total"]},
+    "period": {"type": "string", "enum": list(PERIODS)},
     "soft_threshold_percent": {"type": "integer", "minimum": 1, "maximum": 100},
     "user_cap_usd": {"type": ["string", "null"], "pattern": r"^\d{1,12}(\.\d{1,6})?$"},
     "max_concurrent_jobs": {"type": ["integer", "null"], "minimum": 1},
