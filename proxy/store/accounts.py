@@ -109,7 +109,7 @@ def refusal_for(db: sqlite3.Connection, team: Team, user: str, hold: Hold) -> st
 
 
 def reserve(db: sqlite3.Connection, *, team: Team, user: str, hold: Hold, job_id: int, handle: str,
-                  model: str, now: str) -> tuple[BudgetView, SoftAlert | None]:
+            model: str, now: str) -> tuple[BudgetView, SoftAlert | None]:
     """Hold ``hold``'s estimate against every cap, or raise (the caller's transaction then rolls back)."""
     _check_concurrency(db, team)
     estimate = hold.estimate
@@ -127,9 +127,9 @@ def reserve(db: sqlite3.Connection, *, team: Team, user: str, hold: Hold, job_id
          estimate.seconds, estimate.resolution, estimate.basis, now),
     )
     insert_ledger(db, at=now, kind="reserve", team=team.name, user_id=user, handle=handle, job_id=job_id,
-                        model=model, seconds=estimate.seconds, resolution=estimate.resolution,
-                        period_key=hold.period_key, global_period_key=hold.global_period_key,
-                        reserved_delta=estimate.amount_micros, basis=estimate.basis)
+                  model=model, seconds=estimate.seconds, resolution=estimate.resolution,
+                  period_key=hold.period_key, global_period_key=hold.global_period_key,
+                  reserved_delta=estimate.amount_micros, basis=estimate.basis)
     spent, reserved, credit, alerted = totals(db, team_scope(team.name), hold.period_key)
     view = BudgetView(team.name, hold.period_key, team.budget_limit_micros, credit, spent, reserved)
     return view, _soft_alert(db, team, hold.period_key, spent + reserved, credit, alerted)
@@ -193,9 +193,9 @@ def resolve(db: sqlite3.Connection, job_id: int, decision: Decision, now: str) -
             (amount, spent_delta, scope, period),
         )
     insert_ledger(db, at=now, kind=decision.kind, team=team, user_id=user, handle=handle, job_id=job_id,
-                        model=model, seconds=decision.seconds, resolution=decision.resolution, period_key=key,
-                        global_period_key=global_key, reserved_delta=-amount, spent_delta=spent_delta,
-                        basis=decision.basis, note=decision.note)
+                  model=model, seconds=decision.seconds, resolution=decision.resolution, period_key=key,
+                  global_period_key=global_key, reserved_delta=-amount, spent_delta=spent_delta,
+                  basis=decision.basis, note=decision.note)
     return True
 
 
@@ -208,7 +208,7 @@ def insert_ledger(db: sqlite3.Connection, **columns: Any) -> int:
 
 
 def add_entry(db: sqlite3.Connection, *, team: Team, kind: str, amount: int, period_key: str,
-                    global_period_key: str, actor: str, note: str, now: str) -> int:
+              global_period_key: str, actor: str, note: str, now: str) -> int:
     """A manual ``adjust`` (signed spend) or ``topup`` (allowance) for a team's period."""
     scope = team_scope(team.name)
     ensure_totals(db, scope, period_key)
@@ -227,7 +227,7 @@ def add_entry(db: sqlite3.Connection, *, team: Team, kind: str, amount: int, per
             )
         deltas = {"spent_delta": amount}
     return insert_ledger(db, at=now, kind=kind, team=team.name, period_key=period_key,
-                               global_period_key=global_period_key, actor=actor, note=note, **deltas)
+                         global_period_key=global_period_key, actor=actor, note=note, **deltas)
 
 
 def ledger_entry(row: tuple[Any, ...]) -> LedgerEntry:

@@ -36,15 +36,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..clock import iso_utc
+from ..ttlcache import TtlCache
+from ..views import status_body
 from . import (
     PERIODS, TEAM_SETTINGS, TERMINAL_STATUSES, BudgetView, Decision, HandleView, JobUpdate, LedgerEntry, Receipt,
     Reservation, Saving, Submission, Team, TeamExists, UnknownTeam, accounts, outbox,
 )
-from ..views import status_body
-from .migrations import MIGRATIONS
 from .checkpoint import Checkpointer
+from .migrations import MIGRATIONS
 from .writer import GroupCommitWriter
-from ..ttlcache import TtlCache
 
 if TYPE_CHECKING:
     from ..budget import Hold
