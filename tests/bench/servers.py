@@ -38,11 +38,15 @@ async def session_ctx(app: web.Application):  # one pooled session, like any rea
     await app["session"].close()
 
 
+def forwarded_headers(request: web.Request) -> dict[str, str]:
+    return {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+
+
 def passthrough_app(upstream: str) -> web.Application:
     app = web.Application()
 
     async def forward(request: web.Request) -> web.Response:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = forwarded_headers(request)
         async with app["session"].request(request.method, upstream + request.path_qs, headers=headers,
                                           data=await request.read()) as response:
             return web.Response(status=response.status, body=await response.read(),
@@ -78,7 +82,7 @@ def durable_app(upstream: str, db_path: str, synchronous: str = "FULL") -> web.A
         await app["writer"].stop()
 
     async def forward(request: web.Request) -> web.Response:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = forwarded_headers(request)
         body = await request.read()
         row = await app["writer"].submit(lambda db: db.execute("INSERT INTO submits (body) VALUES (?)", (body,)).lastrowid)
         async with app["session"].request("POST", upstream + request.path_qs, headers=headers, data=body) as response:
