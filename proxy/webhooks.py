@@ -128,8 +128,9 @@ class Webhook(Policy):
         url = ctx.request.headers.get(URL_HEADER)
         if url is None:
             return
-        await check_target(url.strip(), allow_private=self.allow_private)
-        ctx.webhook_url, ctx.webhook_mode = url.strip(), mode
+        url = url.strip()
+        await check_target(url, allow_private=self.allow_private)
+        ctx.webhook_url, ctx.webhook_mode = url, mode
 
 
 class WebhookSender:

@@ -61,6 +61,7 @@ _HANDLE_SELECT = """
 """
 _TEAM_COLUMNS = ("name, budget_limit_micros, period, created_at, soft_threshold_percent, user_cap_micros, "
                  "max_concurrent_jobs, max_submits_per_minute, updated_at")
+_TEAM_BY_NAME = f"SELECT {_TEAM_COLUMNS} FROM teams WHERE name = ?"
 _RESERVATION_SELECT = """
     SELECT r.job_id, r.handle, r.team, r.user_id, r.model, r.period_key, r.amount_micros, r.seconds, r.resolution,
            r.basis, r.state, r.created_at, j.params, j.status, j.upstream_id
@@ -254,7 +255,7 @@ class SQLiteStore:
         """
         team = self._teams.get(name)
         if team is None:
-            row = await self._read_point(f"SELECT {_TEAM_COLUMNS} FROM teams WHERE name = ?", (name,))
+            row = await self._read_point(_TEAM_BY_NAME, (name,))
             if row is None:
                 return None
             team = Team(*row)
@@ -266,7 +267,7 @@ class SQLiteStore:
 
     @staticmethod
     def _team_in(db: Db, name: str) -> Team:
-        row = db.execute(f"SELECT {_TEAM_COLUMNS} FROM teams WHERE name = ?", (name,)).fetchone()
+        row = db.execute(_TEAM_BY_NAME, (name,)).fetchone()
         if row is None:
             raise UnknownTeam(name)
         return Team(*row)
