@@ -7,7 +7,6 @@ as decimals, never floats. A limit change takes effect on the next request.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from decimal import Decimal
@@ -51,8 +50,7 @@ async def _admin(request: web.Request) -> tuple[Services, Principal]:
 async def _body(request: web.Request, services: Services) -> dict[str, Any]:
     check_content_type(request)
     raw = await request.read()  # bounded by the app's client_max_size (413 past it)
-    parse_json(raw)  # the shared checks and messages for empty or broken bodies
-    body = json.loads(raw, parse_float=Decimal)
+    body = parse_json(raw, parse_float=Decimal)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")
     return body
@@ -114,13 +112,22 @@ def _period(request: web.Request, team: Team, services: Services) -> str:
     return key
 
 
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit() is true), within a 64-bit integer
+
+
+def query_int(request: web.Request, name: str, minimum: int, maximum: int, default: int | None = None) -> int | None:
+    """A whole-number query parameter between ``minimum`` and ``maximum``; 400 for anything else."""
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not _WHOLE_NUMBER.fullmatch(text) or not minimum <= int(text) <= maximum:
+        raise BadRequest(f"'{name}' must be a whole number between {minimum} and {maximum}")
+    return int(text)
+
+
 def _limit(request: web.Request) -> int:
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise BadRequest("'limit' must be a whole number") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise BadRequest(f"'limit' must be between 1 and {MAX_PAGE}")
+    limit = query_int(request, "limit", 1, MAX_PAGE, 100)
+    assert limit is not None
     return limit
 
 
@@ -222,10 +229,8 @@ async def team_ledger(request: web.Request) -> web.StreamResponse:
     period = request.query.get("period")
     if period is not None and not PERIOD_KEY.match(period):
         raise BadRequest("'period' must look like 2026-11, 2026-W48, 2026-11-24 or total")
-    before = request.query.get("before")
-    if before is not None and not before.isdigit():
-        raise BadRequest("'before' must be a ledger entry id")
-    entries = await services.store.ledger(team.name, period, _limit(request), int(before) if before else None)
+    before = query_int(request, "before", 1, 2**63 - 1)
+    entries = await services.store.ledger(team.name, period, _limit(request), before)
     return web.json_response([entry_json(entry) for entry in entries])
 
 

@@ -9,6 +9,8 @@ forwarded.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -132,14 +134,32 @@ def check_content_type(request: web.Request) -> None:
         raise BadRequest(f"Content-Type must be application/json, not '{request.content_type or 'none'}'")
 
 
-def parse_json(raw: bytes) -> Any:
-    """The JSON value in ``raw``; :class:`BadRequest` for an empty or non-JSON body."""
+#: A JSON escape of a UTF-16 surrogate (``\\ud800``-``\\udfff``): the only way a lone one can reach a str.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json(raw: bytes, *, parse_float: Callable[[str], Any] | None = None) -> Any:
+    """The JSON value in ``raw`` (UTF-8, as RFC 8259 requires); :class:`BadRequest` for anything else.
+
+    Refused with 400 rather than failing later: an empty body, bytes that are not UTF-8, broken JSON,
+    nesting too deep for the parser, and strings holding a lone surrogate (``"\\ud800"``), which no
+    UTF-8 encoder (the fingerprint, the store, the upstream call) can write.
+    """
     if not raw.strip():
         raise BadRequest("The request body is empty; a JSON object is expected")
     try:
-        return json.loads(raw)
+        text = raw.decode("utf-8")
+        value = json.loads(text, parse_float=parse_float)
+    except RecursionError:
+        raise BadRequest("The request body is nested too deeply") from None
     except (UnicodeDecodeError, ValueError):
         raise BadRequest("The request body is not valid JSON") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("The request body holds a string with a lone UTF-16 surrogate") from None
+    return value
 
 
 async def read_json_body(request: web.Request, max_bytes: int) -> Any:
