@@ -23,16 +23,35 @@ class BlockedAddress(aiohttp.ClientConnectionError):
     """A URL's host is, or resolves to, an address that is not public."""
 
 
+#: IPv6 ranges refused outright: each can carry (or translate to) an IPv4 address the checks below would not see.
+_REFUSED_IPV6 = tuple(ipaddress.IPv6Network(network) for network in (
+    "64:ff9b::/96",      # NAT64, well-known prefix (RFC 6052): 64:ff9b::a9fe:a9fe is 169.254.169.254
+    "64:ff9b:1::/48",    # NAT64, local-use prefix (RFC 8215)
+    "::ffff:0:0:0/96",   # IPv4-translated (RFC 2765)
+    "::/96",             # IPv4-compatible (deprecated, RFC 4291), and :: and ::1
+    "fec0::/10",         # site-local (deprecated, RFC 3879): private in practice
+))
+
+
 def is_public_address(text: str) -> bool:
-    """True for a globally routable unicast address; False for loopback, private, link-local, CGNAT, multicast..."""
+    """True for a globally routable unicast address; False for loopback, private, link-local, CGNAT, multicast...
+
+    IPv6 forms that embed an IPv4 address are judged by it (IPv4-mapped, 6to4, both ends of Teredo), and
+    those that translate to one (NAT64, IPv4-translated, IPv4-compatible) are refused, as is site-local.
+    """
     try:
         address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return False
     if isinstance(address, ipaddress.IPv6Address):
-        mapped = address.ipv4_mapped or address.sixtofour
-        if mapped is not None:
-            return is_public_address(str(mapped))
+        if address.ipv4_mapped is not None:
+            return is_public_address(str(address.ipv4_mapped))
+        if any(address in network for network in _REFUSED_IPV6):
+            return False
+        if address.sixtofour is not None:
+            return is_public_address(str(address.sixtofour))
+        if address.teredo is not None:
+            return all(is_public_address(str(end)) for end in address.teredo)
     return address.is_global and not address.is_multicast
 
 

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from proxy.netguard import is_public_address
 from proxy.simulator import Simulator
 from tests.conftest import TEXT_PATH, Gateway, Receiver, auth, free_port, make_token, policies_with, until, wait_for_status
 
@@ -191,6 +192,18 @@ TARGETS = [
     ("https://0177.0.0.1/hook", "X-Webhook-URL must point at a public address; 0177.0.0.1 resolves to a private one"),
     ("https://0x7f.0.0.1/hook", "X-Webhook-URL must point at a public address; 0x7f.0.0.1 resolves to a private one"),
     ("https://localhost/hook", "X-Webhook-URL must point at a public address; localhost resolves to a private one"),
+    # IPv6 forms that carry or translate to a private IPv4 address
+    ("https://[64:ff9b::a9fe:a9fe]/", "X-Webhook-URL must point at a public address, not 64:ff9b::a9fe:a9fe"),
+    ("https://[64:ff9b::808:808]/", "X-Webhook-URL must point at a public address, not 64:ff9b::808:808"),
+    ("https://[64:ff9b:1::a00:1]/", "X-Webhook-URL must point at a public address, not 64:ff9b:1::a00:1"),
+    ("https://[::ffff:0:7f00:1]/", "X-Webhook-URL must point at a public address, not ::ffff:0:7f00:1"),
+    ("https://[::7f00:1]/", "X-Webhook-URL must point at a public address, not ::7f00:1"),
+    ("https://[::808:808]/", "X-Webhook-URL must point at a public address, not ::808:808"),
+    ("https://[fec0::1]/", "X-Webhook-URL must point at a public address, not fec0::1"),
+    ("https://[2002:a9fe:a9fe::1]/", "X-Webhook-URL must point at a public address, not 2002:a9fe:a9fe::1"),
+    ("https://[2002:c0a8:101::1]/", "X-Webhook-URL must point at a public address, not 2002:c0a8:101::1"),
+    ("https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
+     "X-Webhook-URL must point at a public address, not 2001:0:4136:e378:8000:63bf:3fff:fdd2"),
     # CRLF cannot arrive inside a header value (it ends the header on the wire; clients refuse to send it),
     # so what can arrive is checked: whitespace and tabs inside the URL.
     ("https://a.example/h X-Evil: 1", "X-Webhook-URL must not contain whitespace or control characters"),
@@ -231,3 +244,8 @@ async def test_delivery_checks_the_address_it_connects_to(start_gateway, tmp_pat
 
     assert receiver.calls == []
     assert outbox(gateway)[0][3].startswith("blocked") or "non-public" in outbox(gateway)[0][3]
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700:4700::1111", "2002:808:808::1", "::ffff:8.8.8.8"])
+def test_public_addresses_stay_public(address: str) -> None:
+    assert is_public_address(address)
