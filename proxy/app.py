@@ -159,8 +159,9 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     app = web.Application(
         middlewares=[observe_middleware(metrics), error_middleware],
         client_max_size=config.max_body_bytes,
-        # Room for a token up to the configured limit, so an oversized one gets our 401, not the parser's 400.
-        handler_args={"max_field_size": config.max_token_bytes + 1024},
+        # Room for a token up to the configured limit (in a header, or a Bearer header), so a token of
+        # PROXY_MAX_TOKEN_BYTES arrives and an oversized one gets our 401, not the parser's 400.
+        handler_args={"max_field_size": config.max_token_bytes + 1024, "max_line_size": config.max_token_bytes + 1024},
     )
     app[SERVICES] = services
     app.cleanup_ctx.extend([*contexts, open_store, open_clients, run_background])

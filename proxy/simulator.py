@@ -17,6 +17,8 @@ Knobs, in process (``Simulator`` methods) or over HTTP under ``/_simulator/``
   answer an HTTP status (with optional ``Retry-After``), reset the connection,
   answer malformed or truncated JSON, or wait ``delay`` seconds first; with
   ``stage = "after"`` a submit fault strikes after the job was created;
+  ``kind = "patch"`` answers as usual with the fields of ``patch`` written over
+  the JSON body (odd or hostile values a real upstream might send);
 * ``jobs/{id}/finish`` and ``jobs/{id}/forget``; ``calls`` lists every
   recorded API call (method, path, headers, body).
 """
@@ -47,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
 OUTCOMES = ("COMPLETED", "FAILED", "ERROR", "STUCK")
-FAULT_KINDS = ("status", "reset", "malformed", "truncated", "delay")
+FAULT_KINDS = ("status", "reset", "malformed", "truncated", "delay", "patch")
 TERMINAL = ("COMPLETED", "FAILED", "ERROR")
 DOCUMENTED_ERRORS = {402: ("Insufficient Balance", "Your wallet does not have enough balance.")}
 OUTCOME_ERRORS = {
@@ -78,6 +80,7 @@ class Fault:
     delay: float = 0.0
     stage: str = "before"
     times: int = 1
+    patch: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.op not in ("submit", "status", "any"):
@@ -88,6 +91,8 @@ class Fault:
             raise ValueError("stage must be before or after")
         if not 100 <= self.status <= 599 or self.times < 1 or self.delay < 0:
             raise ValueError("status must be an HTTP status, times at least 1, delay at least 0")
+        if (self.kind == "patch") != isinstance(self.patch, dict):
+            raise ValueError("a patch fault needs a patch object, and only a patch fault takes one")
 
 
 @dataclass
@@ -233,9 +238,9 @@ class Simulator:
             return _error(401, "Unauthorized", "Access denied due to invalid subscription key")
         return None
 
-    def _take_fault(self, op: str, stage: str) -> Fault | None:
+    def _take_fault(self, op: str, stage: str, patch: bool = False) -> Fault | None:
         for fault in self.faults:
-            if fault.op in (op, "any") and fault.stage == stage:
+            if fault.op in (op, "any") and (patch or fault.stage == stage) and (fault.kind == "patch") == patch:
                 fault.times -= 1
                 if fault.times == 0:
                     self.faults.remove(fault)
@@ -261,6 +266,10 @@ class Simulator:
         headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
         title, message = DOCUMENTED_ERRORS.get(fault.status, (_reason(fault.status), "Simulated upstream fault"))
         return _error(fault.status, title, message, headers)
+
+    def _patched(self, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        fault = self._take_fault(op, "", patch=True)
+        return {**body, **fault.patch} if fault is not None and fault.patch is not None else body
 
     async def _record(self, request: web.Request, op: str) -> bytes:
         """Note the call as it arrived; the raw body, for the handler to judge."""
@@ -301,14 +310,11 @@ class Simulator:
                 self._spawn(self._deliver_webhooks(job))
             if (faulted := await self._faulted(request, "submit", "after")) is not None:
                 return faulted
-            return web.json_response(
-                {
-                    "request_id": job.id,
-                    "status": "QUEUED",
-                    "polling_url": f"{request.scheme}://{request.host}/v2/requests/status/{job.id}",
-                },
-                status=202,
-            )
+            return web.json_response(self._patched("submit", {
+                "request_id": job.id,
+                "status": "QUEUED",
+                "polling_url": f"{request.scheme}://{request.host}/v2/requests/status/{job.id}",
+            }), status=202)
 
         return submit
 
@@ -339,7 +345,7 @@ class Simulator:
         job = self.jobs.get(request.match_info["request_id"])
         if job is None or job.forgotten:
             return _error(404, "Not Found", "Request not found")
-        return web.json_response(self.status_body(job))
+        return web.json_response(self._patched("status", self.status_body(job)))
 
     async def _media(self, request: web.Request) -> web.StreamResponse:
         job = self.jobs.get(request.match_info["request_id"])

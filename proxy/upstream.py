@@ -10,8 +10,10 @@ A submit is never retried here: it is not idempotent upstream.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
+import re
 import time
 from typing import Any
 from urllib.parse import quote
@@ -21,13 +23,41 @@ import aiohttp
 from .config import Secret
 from .errors import UpstreamRefused, UpstreamTimeout, UpstreamUnavailable
 from .metrics import Metrics, observe_upstream, status_class
+from .redact import Redactor
 
 logger = logging.getLogger(__name__)
 
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
 UPSTREAM_STATUSES = ("QUEUED", "PROCESSING", "COMPLETED", "FAILED", "ERROR")
-_PASSED_HEADERS = ("Retry-After",)
 _MAX_ERROR_TEXT = 500
+#: An upstream request id the gateway will store and put in a path: the documented ``<model-id>_<uuid>`` fits.
+UPSTREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
+
+
+def retry_after(value: str | None) -> str | None:
+    """``Retry-After`` as RFC 9110 allows it (delta-seconds, or an HTTP date, re-written), else None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]{1,9}", value):
+        return value
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return email.utils.format_datetime(moment, usegmt=True) if moment.tzinfo is not None else None
+
+
+def media_urls(output: dict[str, Any]) -> dict[str, Any]:
+    """``output`` with ``media_url`` as the documented list of strings (a lone string becomes a list of one)."""
+    urls = output.get("media_url")
+    if urls is None:
+        return output
+    if isinstance(urls, str):
+        return {**output, "media_url": [urls]}
+    if isinstance(urls, list) and all(isinstance(url, str) for url in urls):
+        return output
+    raise UpstreamUnavailable("The upstream answered a media_url that is not a list of URLs")
 
 
 class Upstream:
@@ -38,6 +68,7 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.metrics = metrics
         self._key = key
+        self._redactor = Redactor(key.reveal())
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -56,15 +87,20 @@ class Upstream:
     async def submit(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
         """POST a generate request; the upstream's 202 body (``request_id`` checked)."""
         body = await self._call("submit", "POST", path, json=params)
-        if not isinstance(body.get("request_id"), str) or not body["request_id"]:
-            raise UpstreamUnavailable("The upstream accepted the request but returned no request_id")
+        upstream_id = body.get("request_id")
+        if not isinstance(upstream_id, str) or not UPSTREAM_ID.fullmatch(upstream_id):
+            raise UpstreamUnavailable("The upstream accepted the request but returned no usable request_id")
         return body
 
     async def status(self, upstream_id: str) -> dict[str, Any]:
-        """GET the universal status of one upstream request (``status`` checked)."""
+        """GET the universal status of one upstream request (``status`` and ``output.media_url`` checked)."""
+        if not UPSTREAM_ID.fullmatch(upstream_id):
+            raise UpstreamUnavailable("The stored upstream request id is not one the gateway can ask about")
         body = await self._call("status", "GET", f"/v2/requests/status/{quote(upstream_id, safe='')}")
         if body.get("status") not in UPSTREAM_STATUSES:
             raise UpstreamUnavailable("The upstream answered a status the gateway does not know")
+        if isinstance(body.get("output"), dict):
+            body["output"] = media_urls(body["output"])
         return body
 
     async def _call(self, operation: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -93,7 +129,7 @@ class Upstream:
             raise UpstreamUnavailable("The upstream could not be reached") from None
         try:
             body = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         if not isinstance(body, dict):
             observe_upstream(self.metrics, operation, started, status, "malformed")
@@ -101,13 +137,13 @@ class Upstream:
                            extra={"event": "upstream.malformed", "path": path, "upstream_status": status})
             raise UpstreamUnavailable("The upstream answered with an unreadable body")
         observe_upstream(self.metrics, operation, started, status, None)
-        return body
+        return self._redactor.value(body)  # nothing the upstream says is stored, answered or delivered unscrubbed
 
     def _refusal(self, response: aiohttp.ClientResponse, text: str) -> UpstreamRefused:
         title, message = response.reason or "Upstream Error", ""
         try:
             body = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         if isinstance(body, dict):
             if isinstance(body.get("error"), str) and body["error"]:
@@ -119,7 +155,8 @@ class Upstream:
         level = logging.ERROR if response.status in (401, 403) else logging.WARNING
         logger.log(level, "upstream refused %s %s with %d", response.method, response.url.path, response.status,
                    extra={"event": "upstream.refused", "upstream_status": response.status})
-        headers = {name: response.headers[name] for name in _PASSED_HEADERS if name in response.headers}
+        wait = retry_after(response.headers.get("Retry-After"))
+        headers = {"Retry-After": wait} if wait is not None else {}
         return UpstreamRefused(
             self.scrub(message)[:_MAX_ERROR_TEXT],
             title=self.scrub(title)[:_MAX_ERROR_TEXT],
@@ -128,6 +165,5 @@ class Upstream:
         )
 
     def scrub(self, text: str) -> str:
-        """``text`` with the subscription key blanked out, should the upstream ever echo it."""
-        key = self._key.reveal()
-        return text.replace(key, "[redacted]") if key else text
+        """``text`` with the subscription key, or any piece of it of 8 characters or more, blanked out."""
+        return self._redactor.text(text)

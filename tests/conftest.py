@@ -32,7 +32,7 @@ from proxy.store.sqlite import SQLiteStore
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
 JWT_SECRET = "test-jwt-secret-0123456789-abcdefghijklmnop"
-UPSTREAM_KEY = "sim-upstream-key-ZYXW-9876-do-not-leak"
+UPSTREAM_KEY = "sk-sim-Zq7XW9876-tRv2Lm4-Np8KdYh3"  # random-looking, as a real key is: no English word in it
 TEXT_PATH = "/grok-imagine-video-text-to-video/v1/grok-imagine-video-text-to-video-request"
 IMAGE_PATH = "/grok-imagine-video-image-to-video/v1/grok-imagine-video-image-to-video-request"
 EDIT_PATH = "/grok-imagine-video-edit-video/v1/grok-imagine-video-edit-video-request"
