@@ -15,21 +15,22 @@ from typing import Any
 from aiohttp import web
 
 from .auth import Principal
-from .budget import period_key
+from .budget import global_key_for, period_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .money import micros_to_usd, usd_to_micros
 from .observe import TEAM
 from .views import status_body
 from .services import SERVICES, Services
-from .store import PERIODS, LedgerEntry, Team, TeamExists, UnknownTeam
+from .store import (
+    PERIODS, TEAM_NAME_RULE, EntryRefused, LedgerEntry, Team, TeamExists, UnknownTeam, team_name_problem,
+)
 from .validate import check_content_type, parse_json
 
 logger = logging.getLogger(__name__)
 
-PERIOD_KEY = re.compile(
-    r"^(total|\d{4}-(0[1-9]|1[0-2])|\d{4}-W(0[1-9]|[1-4]\d|5[0-3])|\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01]))$"
+PERIOD_KEY = re.compile(  # matched whole (fullmatch): "2026-11\n" is not a period
+    r"total|\d{4}-(0[1-9]|1[0-2])|\d{4}-W(0[1-9]|[1-4]\d|5[0-3])|\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
 )
-TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_PAGE = 1000
 
 # request field -> (store setting, parser)
@@ -107,7 +108,7 @@ def _period(request: web.Request, team: Team, services: Services) -> str:
     key = request.query.get("period")
     if key is None:
         key = period_key(team.period, services.clock.now())
-    if not PERIOD_KEY.match(key):
+    if not PERIOD_KEY.fullmatch(key):
         raise BadRequest("'period' must look like 2026-11, 2026-W48, 2026-11-24 or total")
     return key
 
@@ -174,8 +175,8 @@ async def create_team(request: web.Request) -> web.StreamResponse:
     services, _ = await _admin(request)
     body = await _body(request, services)
     name = body.get("name")
-    if not isinstance(name, str) or not TEAM_NAME.match(name):
-        raise BadRequest("'name' must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if team_name_problem(name) is not None:
+        raise BadRequest(f"'name' must be {TEAM_NAME_RULE}")
     if "budget_usd" not in body:
         raise BadRequest("'budget_usd' is required")
     settings = _settings(body, creating=True)
@@ -227,7 +228,7 @@ async def team_ledger(request: web.Request) -> web.StreamResponse:
     services, _ = await _admin(request)
     team = await _team(services, request.match_info["team"])
     period = request.query.get("period")
-    if period is not None and not PERIOD_KEY.match(period):
+    if period is not None and not PERIOD_KEY.fullmatch(period):
         raise BadRequest("'period' must look like 2026-11, 2026-W48, 2026-11-24 or total")
     before = query_int(request, "before", 1, 2**63 - 1)
     entries = await services.store.ledger(team.name, period, _limit(request), before)
@@ -269,10 +270,16 @@ async def _money_entry(request: web.Request, kind: str) -> web.StreamResponse:
         raise BadRequest("'reason' is required: say why, in at most 500 characters")
     now = services.clock.now()
     key = body.get("period") or period_key(team.period, now)
-    if not isinstance(key, str) or not PERIOD_KEY.match(key):
-        raise BadRequest("'period' must look like 2026-11, 2026-W48, 2026-11-24 or total")
-    entry = await services.store.add_entry(team.name, kind, amount, key, period_key(services.rules.global_period, now),
-                                           principal.user, reason.strip())
+    if not isinstance(key, str):
+        raise BadRequest("'period' must be a period key like 2026-11, 2026-W48, 2026-11-24 or total")
+    try:
+        global_key = global_key_for(team.period, key, services.rules.global_period, now)
+    except ValueError as exc:
+        raise BadRequest(f"'period': {exc}; team '{team.name}' has a {team.period} budget") from None
+    try:
+        entry = await services.store.add_entry(team.name, kind, amount, key, global_key, principal.user, reason.strip())
+    except EntryRefused as exc:
+        raise BadRequest(str(exc)) from None
     return web.json_response(entry_json(entry), status=201)
 
 

@@ -11,8 +11,9 @@ cannot leave a reservation without its job.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from aiohttp import web
@@ -43,6 +44,48 @@ def period_key(period: str, moment: datetime) -> str:
     if period == "total":
         return "total"
     raise ValueError(f"period must be one of {', '.join(PERIODS)}")
+
+
+_KEY_SHAPES = {
+    "month": re.compile(r"(\d{4})-(0[1-9]|1[0-2])"),
+    "week": re.compile(r"(\d{4})-W(0[1-9]|[1-4]\d|5[0-3])"),
+    "day": re.compile(r"(\d{4})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"),
+    "total": re.compile(r"total"),
+}
+
+
+def period_start(period: str, key: str) -> datetime | None:
+    """The first moment (UTC) of the ``period`` bucket named ``key``; None for ``total``.
+
+    Raises ValueError when ``key`` is not a bucket of that kind (a day key for a monthly team, 2026-02-30...).
+    """
+    shape = _KEY_SHAPES.get(period)
+    match = shape.fullmatch(key) if shape else None
+    if match is None:
+        raise ValueError(f"'{key}' is not a {period} period key (like {period_key(period, datetime(2026, 11, 24))})")
+    numbers = [int(group) for group in match.groups()]
+    try:
+        if period == "month":
+            day = date(numbers[0], numbers[1], 1)
+        elif period == "week":
+            day = date.fromisocalendar(numbers[0], numbers[1], 1)
+        elif period == "day":
+            day = date(*numbers)
+        else:
+            return None
+    except ValueError:
+        raise ValueError(f"'{key}' is not a {period} that exists") from None
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def global_key_for(team_period: str, team_key: str, global_period: str, now: datetime) -> str:
+    """The gateway-wide period that an entry for the team's ``team_key`` belongs to.
+
+    The global bucket holding the team period's first moment (a team's 2020-01 is the global 2020-01, or the
+    week of 2020-01-01); a ``total`` team period has no start, so it counts in the global period of ``now``.
+    """
+    start = period_start(team_period, team_key)
+    return period_key(global_period, start or now)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import logging
 import os
@@ -22,8 +21,9 @@ from .logs import configure_logging
 from .money import micros_to_usd, usd_to_micros
 from .policyfile import PolicyError
 from .clock import Clock
-from .store import PERIODS, TeamExists, UnknownTeam
+from .store import PERIODS, TeamExists, UnknownTeam, team_name_problem
 from .store.sqlite import SQLiteStore
+from .tabular import write_csv
 
 logger = logging.getLogger("proxy.cli")  # a fixed name: under "python -m" __name__ is "__main__"
 
@@ -216,8 +216,8 @@ def _teams_create(args: argparse.Namespace) -> int:
         limit = usd_to_micros(args.budget)
     except ValueError as exc:
         raise CommandError(f"--budget: {exc}") from None
-    if not args.name.strip() or len(args.name) > 100:
-        raise CommandError("a team name must be 1 to 100 characters")
+    if (problem := team_name_problem(args.name)) is not None:
+        raise CommandError(problem)
     settings = _limit_settings(args)
     if "soft_threshold_percent" not in settings:
         settings["soft_threshold_percent"] = _rules().soft_threshold_percent
@@ -314,9 +314,7 @@ def _print_rows(rows: list[dict[str, Any]], fmt: str) -> None:
         return
     columns = list(rows[0])
     if fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        write_csv(sys.stdout, columns, rows)
         return
     widths = {c: max(len(c), *(len("" if r[c] is None else str(r[c])) for r in rows)) for c in columns}
     print("  ".join(c.upper().ljust(widths[c]) for c in columns))

@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
-from .admin import MAX_PAGE, PERIOD_KEY, TEAM_NAME as TEAM_NAME_RE
+from .admin import MAX_PAGE, PERIOD_KEY
 from .catalog import Catalog, FieldSpec, ModelSpec
-from .store import PERIODS
+from .store import PERIODS, TEAM_NAME as TEAM_NAME_RE
 from .upstream import UPSTREAM_STATUSES
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 MONEY = {"type": "string", "pattern": r"^-?\d+\.\d{2,6}$"}
-TEAM_NAME = {"type": "string", "pattern": TEAM_NAME_RE.pattern}
+TEAM_NAME = {"type": "string", "pattern": f"^(?:{TEAM_NAME_RE.pattern})$"}  # JSON Schema patterns are not anchored
 STATUSES = list(UPSTREAM_STATUSES)
 
 
@@ -116,7 +116,7 @@ def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 TEAM_PARAMETER = {"name": "team", "in": "path", "required": True, "schema": TEAM_NAME}
-PERIOD = _query("period", {"type": "string", "pattern": PERIOD_KEY.pattern})
+PERIOD = _query("period", {"type": "string", "pattern": f"^(?:{PERIOD_KEY.pattern})$"})
 LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE})
 TEAM_SETTINGS = {
     "budget_usd": {"type": "string", "pattern": r"^\d{1,12}(\.\d{1,6})?$"},

@@ -8,7 +8,7 @@ import pytest
 
 from proxy.admin import ADMIN_ROUTES
 from proxy.simulator import Simulator
-from tests.conftest import Gateway, auth, make_token, wait_for_status
+from tests.conftest import Gateway, auth, make_token, until, wait_for_status
 
 ADMIN = {"Authorization": f"Bearer {make_token(team='research', user='root', role='admin')}"}
 
@@ -82,6 +82,7 @@ async def test_top_ups_and_adjustments_are_ledger_entries_with_who_and_why(gatew
     assert code == 201
     assert (topup["kind"], topup["credit_delta_usd"], topup["actor"], topup["note"]) == ("topup", "0.42", "root", "launch week")
     assert (await gateway.submit())[0] == 202
+    await until(lambda: [kind for (kind,) in gateway.ledger_rows("kind")].count("settle") == 2)  # a refund needs spend
 
     code, adjusted = await call(gateway, "POST", "/admin/teams/design/adjustments",
                                 {"amount_usd": "-0.10", "reason": "refund for a broken render"})
@@ -93,7 +94,7 @@ async def test_top_ups_and_adjustments_are_ledger_entries_with_who_and_why(gatew
 
     shown = (await call(gateway, "GET", "/admin/teams/design"))[1]["current"]
     assert (shown["limit_usd"], shown["credit_usd"], shown["spent_usd"], shown["reserved_usd"], shown["remaining_usd"]) == (
-        "0.42", "0.42", "-0.10", "0.84", "0.10")
+        "0.42", "0.42", "0.74", "0.00", "0.10")
     assert await gateway.services.store.ledger_mismatches() == []
 
 
@@ -126,3 +127,17 @@ async def test_spend_ledger_and_requests(gateway: Gateway, simulator: Simulator)
     assert (await call(gateway, "GET", "/admin/teams/design/ledger?period=lastyear"))[0] == 400
     assert (await call(gateway, "GET", "/admin/teams/design/requests?limit=0"))[0] == 400
     assert (await call(gateway, "GET", "/admin/teams/ghost/spend"))[0] == 404
+
+
+@pytest.mark.parametrize("name", ["design\n", "new\n", "a/b", "=1+1"])
+async def test_team_names_are_matched_whole(gateway: Gateway, name: str) -> None:
+    code, body = await call(gateway, "POST", "/admin/teams", {"name": name, "budget_usd": "1"})
+
+    assert code == 400 and body["message"].startswith("'name' must be 1-100 letters")
+    assert [team.name for team in await gateway.services.store.list_teams()] == ["design", "research"]
+
+
+async def test_period_keys_are_matched_whole(gateway: Gateway) -> None:
+    for path in ("/admin/teams/design/spend?period=2026-11%0A", "/admin/teams/design/ledger?period=2026-11%0A"):
+        code, body = await call(gateway, "GET", path)
+        assert code == 400 and "'period'" in body["message"], (path, body)

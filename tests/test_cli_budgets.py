@@ -92,3 +92,48 @@ def test_budget_rules_defaults_match_the_shipped_file() -> None:
     from proxy.budget import load_budget_rules
 
     assert load_budget_rules(POLICIES) == BudgetRules()
+
+
+@pytest.mark.parametrize("name", ["=1+1", "@SUM(A1)", "a b/c", "a/b", "design\n", "x!", "+x", "", "x" * 101])
+def test_teams_create_takes_only_the_names_the_admin_api_takes(env: dict[str, str], name: str) -> None:
+    result = cli(env, "teams", "create", name, "--budget", "1")
+
+    assert result.returncode == 2
+    assert result.stderr == ("pixazo-proxy: error: a team name must be 1-100 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit\n")
+    assert cli(env, "teams", "list", "--json").stdout.strip() == "[]"
+
+
+def test_the_store_refuses_such_names_too(tmp_path: Path) -> None:
+    """So no path (CLI, admin, a script) can make team 'a/b', whose user 'x' would share user:a/b/x with team a's 'b/x'."""
+    async def work() -> None:
+        store = SQLiteStore(tmp_path / "names.db")
+        await store.open()
+        try:
+            with pytest.raises(ValueError, match="a team name must be"):
+                await store.create_team("a/b", 1, "month")
+        finally:
+            await store.close()
+
+    asyncio.run(work())
+
+
+def test_csv_cells_that_would_be_formulas_are_neutralised(env: dict[str, str]) -> None:
+    cli(env, "teams", "create", "ops", "--budget", "1")
+    key = spend_some(env["PROXY_DB"])
+
+    async def note() -> None:
+        store = SQLiteStore(env["PROXY_DB"])
+        await store.open()
+        await store.add_entry("ops", "adjust", -20_000, key, key, "=HYPERLINK(\"http://x\")", "@SUM(A1:A9)")
+        await store.add_entry("ops", "topup", 10_000, key, key, "root", "+cmd|' /C calc'!A0")
+        await store.close()
+
+    asyncio.run(note())
+    rows = list(csv.DictReader(io.StringIO(cli(env, "ledger", "--team", "ops", "--format", "csv").stdout)))
+
+    assert [(r["kind"], r["actor"], r["note"], r["spent_delta_usd"]) for r in rows[:2]] == [
+        ("topup", "root", "'+cmd|' /C calc'!A0", "0.00"),
+        ("adjust", "'=HYPERLINK(\"http://x\")", "'@SUM(A1:A9)", "-0.02"),  # a plain negative number stays a number
+    ]
+    assert json.loads(cli(env, "ledger", "--team", "ops", "--format", "json").stdout)[1]["note"] == "@SUM(A1:A9)"

@@ -12,6 +12,7 @@ ledger; every reservation ends in exactly one settle or release.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,6 +30,19 @@ TEAM_SETTINGS = ("budget_limit_micros", "period", "soft_threshold_percent", "use
                  "max_concurrent_jobs", "max_submits_per_minute")
 
 
+#: What a team may be called, wherever it is created: no '/' (it separates team and user in scope keys), no
+#: spaces, nothing a spreadsheet reads as a formula. Matched whole (``fullmatch``): "design\n" is not "design".
+TEAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+TEAM_NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def team_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a team, or None."""
+    if not isinstance(name, str) or not TEAM_NAME.fullmatch(name):
+        return f"a team name must be {TEAM_NAME_RULE}"
+    return None
+
+
 class StoreError(Exception):
     """Base of errors the store raises on purpose."""
 
@@ -39,6 +53,10 @@ class TeamExists(StoreError):
 
 class UnknownTeam(StoreError):
     pass
+
+
+class EntryRefused(StoreError):
+    """A manual ledger entry that would break a rule (a refund larger than what was spent)."""
 
 
 @dataclass(frozen=True)

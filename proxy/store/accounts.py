@@ -16,7 +16,7 @@ import sqlite3
 
 from ..errors import BudgetExceeded, TooManyRequests
 from ..money import micros_to_usd
-from . import BudgetView, Decision, LedgerEntry, SoftAlert, Team
+from . import BudgetView, Decision, EntryRefused, LedgerEntry, SoftAlert, Team
 
 if TYPE_CHECKING:
     from ..budget import Hold
@@ -209,7 +209,14 @@ def insert_ledger(db: sqlite3.Connection, **columns: Any) -> int:
 
 def add_entry(db: sqlite3.Connection, *, team: Team, kind: str, amount: int, period_key: str,
               global_period_key: str, actor: str, note: str, now: str) -> int:
-    """A manual ``adjust`` (signed spend) or ``topup`` (allowance) for a team's period."""
+    """A manual ``adjust`` (signed spend) or ``topup`` (allowance) for a team's period.
+
+    A top-up raises the team's allowance for ``period_key`` only (never the global cap, which is the company's
+    wallet). An adjustment changes the spend of the team's ``period_key`` and of the global ``global_period_key``
+    (the caller maps one to the other); per-user totals are left alone, as the entry names no user. A negative
+    adjustment may not take either spend below zero: a refund cannot exceed what was spent in that period, so it
+    can never lift the global cap.
+    """
     scope = team_scope(team.name)
     ensure_totals(db, scope, period_key)
     if kind == "topup":
@@ -220,11 +227,17 @@ def add_entry(db: sqlite3.Connection, *, team: Team, kind: str, amount: int, per
         deltas = {"credit_delta": amount}
     else:
         ensure_totals(db, GLOBAL_SCOPE, global_period_key)
-        for total_scope, key in ((scope, period_key), (GLOBAL_SCOPE, global_period_key)):
-            db.execute(
-                "UPDATE budget_totals SET spent_micros = spent_micros + ? WHERE scope = ? AND period_key = ?",
-                (amount, total_scope, key),
-            )
+        for total_scope, key, who in ((scope, period_key, f"team '{team.name}'"),
+                                      (GLOBAL_SCOPE, global_period_key, "the gateway")):
+            changed = db.execute(
+                "UPDATE budget_totals SET spent_micros = spent_micros + ? "
+                "WHERE scope = ? AND period_key = ? AND spent_micros + ? >= 0",
+                (amount, total_scope, key, amount),
+            ).rowcount
+            if changed != 1:
+                spent, _, _, _ = totals(db, total_scope, key)
+                raise EntryRefused(f"An adjustment of ${micros_to_usd(amount)} would take the spend of {who} in "
+                                   f"{key} below zero: only ${micros_to_usd(spent)} was spent there")
         deltas = {"spent_delta": amount}
     return insert_ledger(db, at=now, kind=kind, team=team.name, period_key=period_key,
                          global_period_key=global_period_key, actor=actor, note=note, **deltas)

@@ -40,7 +40,7 @@ from ..ttlcache import TtlCache
 from ..views import status_body
 from . import (
     PERIODS, TEAM_SETTINGS, TERMINAL_STATUSES, BudgetView, Decision, HandleView, JobUpdate, LedgerEntry, Receipt,
-    Reservation, Saving, Submission, Team, TeamExists, UnknownTeam, accounts, outbox,
+    Reservation, Saving, Submission, Team, TeamExists, UnknownTeam, accounts, outbox, team_name_problem,
 )
 from .checkpoint import Checkpointer
 from .migrations import MIGRATIONS
@@ -210,6 +210,8 @@ class SQLiteStore:
     # teams
 
     async def create_team(self, name: str, budget_limit_micros: int, period: str, **settings: Any) -> Team:
+        if (problem := team_name_problem(name)) is not None:
+            raise ValueError(problem)
         _check_settings({"budget_limit_micros": budget_limit_micros, "period": period, **settings})
         now = iso_utc()
         values = {"budget_limit_micros": budget_limit_micros, "period": period, **settings}
