@@ -1,4 +1,4 @@
-"""Operator alerts: a team's usage reached its soft threshold.
+"""Operator alerts: a team's usage reached its soft threshold, or a job cost more than was reserved.
 
 Each alert is a warning log line, a metric, and (when ``PROXY_ALERT_WEBHOOK_URL``
 is set) a JSON POST to the operator's endpoint, retried a few times in the
@@ -56,6 +56,21 @@ class Alerts:
         logger.warning("team %s reached %d%% of its budget for %s: $%s of $%s", alert.team, alert.threshold_percent,
                        alert.period_key, payload["used_usd"], payload["limit_usd"])
         self.metrics.child(self.metrics.soft_limit_alerts, alert.team).inc()
+        self._send(payload)
+
+    def overrun(self, team: str, period_key: str, handle: str, reserved_micros: int, charged_micros: int) -> None:
+        """A job was charged more than its reservation (the log line and metrics are the settler's)."""
+        self._send({
+            "alert": "budget_overrun",
+            "team": team,
+            "period": period_key,
+            "request_id": handle,
+            "reserved_usd": micros_to_usd(reserved_micros),
+            "charged_usd": micros_to_usd(charged_micros),
+            "overrun_usd": micros_to_usd(charged_micros - reserved_micros),
+        })
+
+    def _send(self, payload: dict[str, Any]) -> None:
         self.sent.append(payload)
         if self._session is not None:
             task = asyncio.ensure_future(self._post(payload))
@@ -74,4 +89,5 @@ class Alerts:
                 problem = type(exc).__name__
             logger.warning("operator alert webhook attempt %d failed: %s", attempt + 1, problem)
             await asyncio.sleep(0.5 * 2**attempt)
-        logger.error("operator alert for team %s was not delivered after %d attempts", payload["team"], ATTEMPTS)
+        logger.error("operator alert %s for team %s was not delivered after %d attempts", payload["alert"],
+                     payload["team"], ATTEMPTS)

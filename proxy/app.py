@@ -81,26 +81,26 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     )
     authenticator = Authenticator(config, store)
     prober = MediaProber(max_bytes=rules.probe_max_bytes, timeout=rules.probe_timeout_seconds,
-                         allow_private=config.probe_allow_private)
-    pricer = Pricer(prober)
+                         allow_private=config.probe_allow_private, concurrency=rules.probe_concurrency)
+    pricer = Pricer(prober, trust_input_probe=rules.trust_input_probe)
     alerts = Alerts(metrics, config.alert_webhook_url)
     pipeline = Pipeline(
         [
             Authenticate(authenticator),
             Validate(config.max_body_bytes),
+            RateLimit(),  # before anything that does outbound work or writes a handle, cache hits included
             Webhook(config.webhook_allow_private),
             Idempotency(store, cache_rules.idempotency_ttl_seconds, clock, config.base_url),
             Dedup(store, cache_rules, clock, metrics, config.base_url, rules.global_period),
             Price(pricer),
             Budget(store, rules, clock),
-            RateLimit(),
             Record(store, alerts),
             Forward(upstream, config.base_url),
         ]
     )
     media = MediaStore(cache_rules.media_directory, max_bytes=cache_rules.media_max_bytes, public_url=config.base_url,
                        allow_private=config.probe_allow_private) if cache_rules.keep_media else None
-    settler = Settler(store, catalog, pricer, rules, media, metrics)
+    settler = Settler(store, catalog, pricer, rules, media, metrics, alerts)
     refresher = StatusRefresher(store, upstream, settler, config.status_refresh_seconds)
     sweeper = Sweeper(store, refresher, rules, clock)
     tracker = Tracker(store, refresher, config.status_refresh_seconds, config.tracker_concurrency, metrics)

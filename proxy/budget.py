@@ -102,6 +102,8 @@ class BudgetRules:
     stale_job_charged: bool = False
     probe_max_bytes: int = 8 * 1024 * 1024
     probe_timeout_seconds: float = 5.0
+    probe_concurrency: int = 4
+    trust_input_probe: bool = False
 
 
 def load_budget_rules(policies_dir: Path) -> BudgetRules:
@@ -128,6 +130,8 @@ def load_budget_rules(policies_dir: Path) -> BudgetRules:
         stale_job_charged=sweeper.choice("stale_job_action", ("release", "charge"), "release") == "charge",
         probe_max_bytes=probe.integer("max_bytes", 8 * 1024 * 1024, minimum=1024),
         probe_timeout_seconds=probe.number("timeout_seconds", 5.0),
+        probe_concurrency=probe.integer("concurrency", 4, minimum=1),
+        trust_input_probe=probe.boolean("trust_input", False),
     )
     for section in (settlement, teams, wallet, sweeper, probe, root):
         section.done()

@@ -71,6 +71,19 @@ class Metrics:
         self.soft_limit_alerts = Counter("pixazo_proxy_budget_soft_limit_alerts_total",
                                          "Times a team's usage reached its soft threshold (once per team and period).",
                                          ["team"], registry=registry)
+        self.budget_overruns = Counter("pixazo_proxy_budget_overruns_total",
+                                       "Jobs whose actual cost exceeded what was reserved for them (charged in full).",
+                                       ["team"], registry=registry)
+        self.budget_overrun_usd = Counter("pixazo_proxy_budget_overrun_usd_total",
+                                          "USD charged beyond the reservations of overrun jobs.", ["team"],
+                                          registry=registry)
+        self.indeterminate_submits = Counter(
+            "pixazo_proxy_indeterminate_submits_total",
+            "Submits sent upstream whose answer was lost (timeout, reset, crash): held, then resolved by policy.",
+            ["model"], registry=registry)
+        self.indeterminate_resolved = Counter(
+            "pixazo_proxy_indeterminate_resolved_total",
+            "Indeterminate submits the sweeper resolved, by action (charge or release).", ["action"], registry=registry)
         self.cache_events = Counter("pixazo_proxy_cache_events_total",
                                     "Submits by how the dedup cache answered them (hit, miss, coalesced, bypass).",
                                     ["result"], registry=registry)

@@ -1,12 +1,13 @@
 """What a job costs: ``seconds x rate[resolution]``, in integer micro-dollars.
 
 Before the job (:meth:`Pricer.estimate`) seconds come from the request's
-``duration``; for a model whose output is as long as its input video, from a
-probe of that video, or the policy's ``max_seconds`` when it cannot be read.
-``resolution: auto`` reserves at the highest rate. After the job
-(:meth:`Pricer.actual`) an estimate that was exact stands; otherwise the
-output is probed, and where that fails the reserved figure is charged, with
-the basis saying so.
+``duration``; for a model whose output is as long as its input video, from
+the policy's ``max_seconds`` (what the upstream can charge at most: a client
+controls what a probe of its input would see), or, where the budget policy
+trusts the input probe, from a probe of that video. ``resolution: auto``
+reserves at the highest rate. After the job (:meth:`Pricer.actual`) an
+estimate that was exact stands; otherwise the output is probed, and where
+that fails the reserved figure is charged, with the basis saying so.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def resolution_for(info: MediaInfo, pricing: Pricing) -> str | None:
 
 
 class Pricer:
-    def __init__(self, prober: MediaProber | None) -> None:
+    def __init__(self, prober: MediaProber | None, *, trust_input_probe: bool = False) -> None:
         self.prober = prober
+        self.trust_input_probe = trust_input_probe
 
     async def estimate(self, model: ModelSpec, params: dict[str, Any]) -> Estimate:
         pricing = model.pricing
@@ -70,7 +72,8 @@ class Pricer:
             seconds = params[pricing.seconds_field]
         else:
             assert pricing.seconds_from_video is not None and pricing.max_seconds is not None
-            info = await self.prober.probe(params[pricing.seconds_from_video]) if self.prober else None
+            trusted = self.prober is not None and self.trust_input_probe
+            info = await self.prober.probe(params[pricing.seconds_from_video]) if trusted and self.prober else None
             exact = False
             if info is not None:  # the real length, even above max_seconds, which is only the fallback
                 seconds, basis = info.seconds, FROM_INPUT_PROBE if basis == FROM_PARAMS else FROM_POLICY_MAX

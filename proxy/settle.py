@@ -1,7 +1,10 @@
 """Ending a job's reservation: what each terminal status costs.
 
 COMPLETED settles to the actual cost (the estimate when it was exact, else the
-output probed); ERROR is released (the upstream says it is not charged);
+output probed), even where that is more than was reserved: the team is charged
+the truth, the overrun is written in the ledger note, counted and alerted, and
+the team's remaining budget goes negative (its next submits are refused until
+it is back within budget); ERROR is released (the upstream says it is not charged);
 FAILED is charged the reserved figure unless the budget policy says release.
 The decision is applied in the same transaction that records the terminal
 status, and only to a reservation still open, so it happens exactly once.
@@ -13,10 +16,12 @@ import logging
 from dataclasses import replace
 from datetime import UTC, datetime
 
+from .alerts import Alerts
 from .budget import BudgetRules
 from .catalog import Catalog
 from .media import MediaStore
 from .metrics import Metrics
+from .money import micros_to_usd
 from .pricing import FROM_PARAMS, FROM_RESERVATION, Estimate, Pricer
 from .store import TERMINAL_STATUSES, Decision, JobUpdate, Reservation, Store
 
@@ -25,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 class Settler:
     def __init__(self, store: Store, catalog: Catalog, pricer: Pricer, rules: BudgetRules,
-                 media: MediaStore | None = None, metrics: Metrics | None = None) -> None:
+                 media: MediaStore | None = None, metrics: Metrics | None = None,
+                 alerts: Alerts | None = None) -> None:
         self.metrics = metrics
+        self.alerts = alerts
         self.store = store
         self.catalog = catalog
         self.pricer = pricer
@@ -46,6 +53,10 @@ class Settler:
             if reservation is not None and reservation.state == "open":
                 decision = await self.decide(reservation, update, output_bytes)
         applied = await self.store.update_job(job_id, update, decision)
+        if applied and reservation is not None and decision is not None:
+            overrun = decision.charge_micros - reservation.amount_micros
+            if decision.kind == "settle" and overrun > 0:
+                self._overrun(reservation, decision, overrun)
         if applied and reservation is not None and self.metrics is not None:
             started = datetime.strptime(reservation.created_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
             seconds = (datetime.now(UTC) - started).total_seconds()
@@ -69,7 +80,20 @@ class Settler:
         reserved = Estimate(reservation.amount_micros, reservation.seconds, reservation.resolution,
                             reservation.basis, reservation.basis == FROM_PARAMS)
         actual = await self.pricer.actual(model, reserved, update.output, output_bytes) if model else reserved
+        note = "COMPLETED"
         if actual.amount_micros > reservation.amount_micros:
-            logger.warning("job of %s cost %d micro-USD, more than the %d reserved", reservation.handle,
-                           actual.amount_micros, reservation.amount_micros)
-        return Decision("settle", actual.amount_micros, actual.seconds, actual.resolution, actual.basis, "COMPLETED")
+            note = (f"COMPLETED; overrun: cost ${micros_to_usd(actual.amount_micros)}, "
+                    f"${micros_to_usd(actual.amount_micros - reservation.amount_micros)} more than the "
+                    f"${micros_to_usd(reservation.amount_micros)} reserved")
+        return Decision("settle", actual.amount_micros, actual.seconds, actual.resolution, actual.basis, note)
+
+    def _overrun(self, reservation: Reservation, decision: Decision, overrun: int) -> None:
+        logger.warning("job of %s cost more than was reserved: %s", reservation.handle, decision.note,
+                       extra={"event": "budget.overrun", "handle": reservation.handle, "team": reservation.team,
+                              "model": reservation.model, "overrun_micros": overrun})
+        if self.metrics is not None:
+            self.metrics.child(self.metrics.budget_overruns, reservation.team).inc()
+            self.metrics.child(self.metrics.budget_overrun_usd, reservation.team).inc(overrun / 1_000_000)
+        if self.alerts is not None:
+            self.alerts.overrun(reservation.team, reservation.period_key, reservation.handle,
+                                reservation.amount_micros, decision.charge_micros)

@@ -156,7 +156,7 @@ def parse_json(raw: bytes, *, parse_float: Callable[[str], Any] | None = None) -
         raise BadRequest("The request body is not valid JSON") from None
     if _SURROGATE_ESCAPE.search(text):
         try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
+            json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")  # default: Decimals
         except UnicodeEncodeError:
             raise BadRequest("The request body holds a string with a lone UTF-16 surrogate") from None
     return value

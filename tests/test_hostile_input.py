@@ -75,3 +75,10 @@ async def test_a_good_before_pages_the_ledger(gateway: Gateway) -> None:
     assert response.status == 200
     assert [e["id"] for e in rest] == sorted((e["id"] for e in rest), reverse=True)
     assert all(e["id"] < first[-1]["id"] for e in rest) and len(first) + len(rest) >= 3
+
+
+async def test_an_admin_body_with_surrogate_pairs_and_decimals_is_judged_not_crashed(gateway: Gateway) -> None:
+    raw = b'{"budget_usd": 12.5, "max_concurrent_jobs": {"\\ud85c\\udd95": 5.7e+16}}'
+    async with gateway.http.patch(gateway.url + "/admin/teams/design", data=raw, headers=auth(role="admin")) as response:
+        body = await response.json()
+    assert (response.status, body["message"]) == (400, "'max_concurrent_jobs' must be a whole number of at least 1")

@@ -10,18 +10,23 @@ from aiohttp.test_utils import TestServer
 
 from proxy.simulator import Simulator
 from proxy.sim_media import build_mp4
-from tests.conftest import EDIT_PATH, IMAGE_PATH, REFERENCE_PATH, TEXT_PATH, Gateway, auth, free_port
+from tests.conftest import EDIT_PATH, IMAGE_PATH, REFERENCE_PATH, TEXT_PATH, Gateway, auth, free_port, policies_with
 
 DRY = {"X-Proxy-Dry-Run": "1"}
 IMG = "https://img.example.com/a.png"
 
 
+FETCHES: list[str] = []
+
+
 @pytest.fixture
 async def videos() -> AsyncIterator[str]:
-    """A loopback file server: /seven.mp4 is a 7 s 480p MP4, /garbage.mp4 is not a video."""
+    """A loopback file server: /seven.mp4 is a 7 s 480p MP4, /garbage.mp4 is not a video; FETCHES counts GETs."""
     app = web.Application()
+    FETCHES.clear()
 
     async def seven(request: web.Request) -> web.Response:
+        FETCHES.append(request.path)
         return web.Response(body=build_mp4(7, "480p"), content_type="video/mp4")
 
     async def garbage(request: web.Request) -> web.Response:
@@ -59,23 +64,42 @@ async def test_estimates_follow_the_upstream_price_tables(gateway: Gateway, simu
     assert simulator.calls == []
 
 
-async def test_edit_video_reserves_the_probed_input_length(gateway: Gateway, videos: str) -> None:
+async def test_edit_video_reserves_the_most_the_upstream_can_charge_and_fetches_nothing(gateway: Gateway,
+                                                                                          videos: str) -> None:
+    """A client controls what a probe of its input sees, so by default the input is not trusted (nor fetched)."""
     auto = await quote(gateway, EDIT_PATH, {"prompt": "p", "video_url": f"{videos}/seven.mp4"})
     fixed = await quote(gateway, EDIT_PATH, {"prompt": "p", "video_url": f"{videos}/seven.mp4", "resolution": "480p"})
 
+    assert (auto["estimate_usd"], auto["seconds"], auto["resolution"], auto["basis"]) == ("1.20", 15, "720p", "policy-max")
+    assert (fixed["estimate_usd"], fixed["seconds"], fixed["resolution"], fixed["basis"]) == ("0.90", 15, "480p", "policy-max")
+    assert FETCHES == []
+
+
+@pytest.fixture
+async def trusting(start_gateway, tmp_path) -> Gateway:
+    """A gateway whose policy trusts the input probe (probe.trust_input = true)."""
+    return await start_gateway(policies_dir=policies_with(tmp_path, budgets="probe: trust_input = true"))
+
+
+async def test_a_trusted_input_probe_reserves_the_probed_length(trusting: Gateway, videos: str) -> None:
+    auto = await quote(trusting, EDIT_PATH, {"prompt": "p", "video_url": f"{videos}/seven.mp4"})
+    fixed = await quote(trusting, EDIT_PATH, {"prompt": "p", "video_url": f"{videos}/seven.mp4", "resolution": "480p"})
+
     assert (auto["estimate_usd"], auto["seconds"], auto["resolution"], auto["basis"]) == ("0.56", 7, "720p", "policy-max")
     assert (fixed["estimate_usd"], fixed["seconds"], fixed["resolution"], fixed["basis"]) == ("0.42", 7, "480p", "input-probe")
+    assert FETCHES == ["/seven.mp4", "/seven.mp4"]
 
 
 @pytest.mark.parametrize("video", ["/garbage.mp4", "/missing.mp4"])
-async def test_edit_video_falls_back_to_the_policy_maximum(gateway: Gateway, videos: str, video: str) -> None:
-    answer = await quote(gateway, EDIT_PATH, {"prompt": "p", "video_url": videos + video, "resolution": "480p"})
+async def test_edit_video_falls_back_to_the_policy_maximum(trusting: Gateway, videos: str, video: str) -> None:
+    answer = await quote(trusting, EDIT_PATH, {"prompt": "p", "video_url": videos + video, "resolution": "480p"})
 
     assert (answer["estimate_usd"], answer["seconds"], answer["basis"]) == ("0.90", 15, "policy-max")
 
 
-async def test_probing_never_reaches_private_addresses_unless_allowed(start_gateway, videos: str) -> None:
-    gateway = await start_gateway(probe_allow_private=False)
+async def test_probing_never_reaches_private_addresses_unless_allowed(start_gateway, videos: str, tmp_path) -> None:
+    gateway = await start_gateway(probe_allow_private=False,
+                                  policies_dir=policies_with(tmp_path, budgets="probe: trust_input = true"))
     for url in (f"{videos}/seven.mp4", videos.replace("127.0.0.1", "localhost") + "/seven.mp4"):
         answer = await quote(gateway, EDIT_PATH, {"prompt": "p", "video_url": url, "resolution": "480p"})
         assert (answer["seconds"], answer["basis"]) == (15, "policy-max"), url

@@ -153,7 +153,8 @@ class BudgetView:
 
     @property
     def remaining_micros(self) -> int:
-        return max(0, self.limit_micros + self.credit_micros - self.spent_micros - self.reserved_micros)
+        """What is left; negative when a job cost more than was reserved for it (an overrun), never clamped."""
+        return self.limit_micros + self.credit_micros - self.spent_micros - self.reserved_micros
 
 
 @dataclass(frozen=True)
