@@ -94,7 +94,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
             Dedup(store, cache_rules, clock, metrics, config.base_url, rules.global_period),
             Price(pricer),
             Budget(store, rules, clock),
-            Record(store, alerts),
+            Record(store, alerts, metrics),
             Forward(upstream, config.base_url),
         ]
     )
@@ -102,7 +102,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
                        allow_private=config.probe_allow_private) if cache_rules.keep_media else None
     settler = Settler(store, catalog, pricer, rules, media, metrics, alerts)
     refresher = StatusRefresher(store, upstream, settler, config.status_refresh_seconds)
-    sweeper = Sweeper(store, refresher, rules, clock)
+    sweeper = Sweeper(store, refresher, rules, clock, metrics)
     tracker = Tracker(store, refresher, config.status_refresh_seconds, config.tracker_concurrency, metrics)
 
     async def store_figures() -> dict[str, list[tuple[dict[str, str], float]]]:

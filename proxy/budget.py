@@ -93,6 +93,7 @@ class BudgetRules:
     """``policies/budgets.toml``, checked at start-up."""
 
     failed_is_charged: bool = True
+    indeterminate_charged: bool = True
     soft_threshold_percent: int = 80
     global_limit_micros: int | None = None
     global_period: str = "month"
@@ -121,6 +122,7 @@ def load_budget_rules(policies_dir: Path) -> BudgetRules:
         raise teams.error("soft_threshold_percent", "must be at most 100")
     rules = BudgetRules(
         failed_is_charged=settlement.choice("failed", ("charge", "release"), "charge") == "charge",
+        indeterminate_charged=settlement.choice("indeterminate", ("charge", "release"), "charge") == "charge",
         soft_threshold_percent=percent,
         global_limit_micros=int(limit * MICROS_PER_USD) if limit is not None else None,
         global_period=wallet.choice("period", PERIODS, "month"),

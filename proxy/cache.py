@@ -8,6 +8,9 @@ scope is ``team``. A request whose fingerprint matches
   own on that job, answered at once, charged nothing, the saving recorded;
 * a job still QUEUED or PROCESSING, or one being submitted right now in this
   process, is **COALESCED**: a new handle on the same job, charged nothing;
+* a job whose outcome is unknown (sent, answer lost; or the gateway stopped
+  mid-submit) is not sent again while it is so: 409, until the sweeper
+  resolves it (or the caller asks for a bypass);
 * anything else (and FAILED or ERROR jobs, which are never reused) is a
   **MISS** and goes upstream; ``Cache-Control: no-store`` or
   ``X-Proxy-Cache: bypass`` (and ``no-cache`` when the policy says so) is a
@@ -32,14 +35,14 @@ from aiohttp import web
 
 from .budget import period_key
 from .clock import Clock, iso_utc, new_request_id
-from .errors import BudgetExceeded, TooManyRequests
+from .errors import BudgetExceeded, Conflict, TooManyRequests
 from .forward import STATUS_PATH, submission_for
 from .headers import CACHE_HEADER
 from .metrics import Metrics
 from .money import micros_to_usd
 from .pipeline import Policy, SubmitContext
 from .policyfile import read_toml
-from .store import Saving, Store
+from .store import UNKNOWN_OUTCOME, Saving, Store
 from .validate import canonical_json
 
 logger = logging.getLogger(__name__)
@@ -133,6 +136,10 @@ class Dedup(Policy):
                 if found is None:
                     self._answered(ctx, "MISS")
                     return
+                if found[1] in UNKNOWN_OUTCOME:  # not ours in flight (that would hold the claim): lost in a crash
+                    raise Conflict("An identical request was sent to the upstream and its answer was lost, so it may "
+                                   "have run; it is not sent again until the gateway resolves it. Send "
+                                   f"{CACHE_HEADER}: bypass to submit it anyway.")
                 self._end_claim(ctx, result=found[0])
                 await self._attach(ctx, *found)
                 return

@@ -20,6 +20,9 @@ Hierarchy::
     ├── UpstreamRefused        the upstream's own 4xx/5xx, passed on with its status
     ├── UpstreamUnavailable    502, upstream unreachable or answered garbage
     └── UpstreamTimeout        504, upstream did not answer in time
+
+The last two say whether the call may have reached the upstream (``indeterminate``):
+a submit that was sent and whose answer was lost may have been accepted and billed.
 """
 
 from __future__ import annotations
@@ -118,8 +121,13 @@ class UpstreamUnavailable(ProxyError):
     status = 502
     title = "Bad Gateway"
 
+    def __init__(self, message: str, *, indeterminate: bool = False, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        #: The request may have reached the upstream (sent, answer lost or unreadable); False: provably not sent.
+        self.indeterminate = indeterminate
 
-class UpstreamTimeout(ProxyError):
+
+class UpstreamTimeout(UpstreamUnavailable):
     status = 504
     title = "Gateway Timeout"
 

@@ -16,6 +16,9 @@ from aiohttp import web
 from .alerts import Alerts
 from .budget import budget_headers
 from .clock import new_request_id
+from .errors import UpstreamRefused, UpstreamUnavailable
+from .metrics import Metrics
+from .money import micros_to_usd
 from .pipeline import Policy, SubmitContext
 from .store import Store, Submission
 from .upstream import Upstream
@@ -29,9 +32,10 @@ STATUS_PATH = "/v2/requests/status/"
 class Record(Policy):
     name = "record"
 
-    def __init__(self, store: Store, alerts: Alerts) -> None:
+    def __init__(self, store: Store, alerts: Alerts, metrics: Metrics) -> None:
         self.store = store
         self.alerts = alerts
+        self.metrics = metrics
 
     async def on_request(self, ctx: SubmitContext) -> None:
         assert ctx.principal is not None and ctx.params is not None
@@ -52,8 +56,22 @@ class Record(Policy):
                 "user": ctx.principal and ctx.principal.user, "model": ctx.model.id, "cache": ctx.cache})
 
     async def on_failure(self, ctx: SubmitContext, error: BaseException) -> None:
-        if ctx.job_id is not None:
-            await self.store.mark_rejected(ctx.job_id, f"{type(error).__name__}: {error}"[:500])
+        if ctx.job_id is None:
+            return
+        reason = f"{type(error).__name__}: {error}"[:500]
+        if not _may_have_arrived(ctx, error):
+            await self.store.mark_rejected(ctx.job_id, reason)
+            return
+        await self.store.mark_indeterminate(ctx.job_id, reason)
+        self.metrics.child(self.metrics.indeterminate_submits, ctx.model.id).inc()
+        held = ctx.estimate.amount_micros if ctx.estimate is not None else 0
+        logger.warning("submit of %s may have reached the upstream, its answer was lost (%s): $%s stays reserved "
+                       "until the sweeper resolves it", ctx.handle, reason, micros_to_usd(held),
+                       extra={"event": "submit.indeterminate", "handle": ctx.handle, "model": ctx.model.id,
+                              "team": ctx.principal and ctx.principal.team, "reserved_micros": held})
+        if isinstance(error, UpstreamUnavailable):
+            error.message += (". The request may have reached the upstream, so its cost stays reserved until the "
+                              "gateway resolves it; retry with the same Idempotency-Key to learn the outcome.")
 
 
 class Forward(Policy):
@@ -65,6 +83,7 @@ class Forward(Policy):
 
     async def on_request(self, ctx: SubmitContext) -> None:
         assert ctx.params is not None and ctx.handle is not None
+        ctx.upstream_attempted = True
         ctx.upstream = await self.upstream.submit(ctx.model.path, ctx.params)
         ctx.response = web.json_response(
             {
@@ -91,6 +110,15 @@ def submission_for(ctx: SubmitContext, cache: str) -> Submission:
         webhook_mode=ctx.webhook_mode,
         idempotency=ctx.idempotency,
     )
+
+
+def _may_have_arrived(ctx: SubmitContext, error: BaseException) -> bool:
+    """Whether a failed submit may have been accepted upstream: sent, and not provably refused or unsent."""
+    if not ctx.upstream_attempted or isinstance(error, UpstreamRefused):
+        return False
+    if isinstance(error, UpstreamUnavailable):
+        return error.indeterminate
+    return True  # cancelled or failed while the call was in flight, or after its answer came back
 
 
 def _initial_status(upstream_body: dict) -> str:

@@ -9,7 +9,10 @@
   request is still being processed is 409.
 * Keys are remembered for the policy's ``ttl_seconds`` (default 24 h), written
   in the same transaction as the handle they name, so a crash cannot lose one.
-  A key whose submit the upstream refused is free to be used again.
+  A key whose submit the upstream refused (or provably never got) is free to
+  be used again; a key whose submit's outcome is unknown (sent, answer lost,
+  or the gateway stopped mid-call) answers 409 until the sweeper resolves it,
+  then replays that handle: it never starts a second upstream job.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .clock import Clock, iso_utc
 from .errors import BadRequest, Conflict, UnprocessableContent
 from .forward import STATUS_PATH
 from .pipeline import Policy, SubmitContext
-from .store import IdempotencyRecord, Store
+from .store import UNKNOWN_OUTCOME, IdempotencyRecord, Store
 from .validate import canonical_json
 
 HEADER = "Idempotency-Key"
@@ -68,8 +71,10 @@ class Idempotency(Policy):
             remembered_hash, handle, status = existing
             if remembered_hash != request_hash:
                 raise UnprocessableContent(f"This {HEADER} was already used with a different request")
-            if status == "SUBMITTING":
-                raise Conflict(f"A request with this {HEADER} is still being processed; retry shortly")
+            if status in UNKNOWN_OUTCOME:
+                raise Conflict(f"The request with this {HEADER} was sent to the upstream and its answer is not "
+                               "known yet (it may still be in flight, or the answer was lost); it is not sent again. "
+                               "Retry later: once the gateway resolves it, this key answers with its handle.")
             ctx.response = web.json_response(
                 {"request_id": handle, "status": status, "polling_url": f"{self.public_url}{STATUS_PATH}{handle}"},
                 status=202,

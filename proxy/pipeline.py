@@ -57,6 +57,7 @@ class SubmitContext:
     handle: str | None = None
     job_id: int | None = None
     upstream: dict[str, Any] | None = None
+    upstream_attempted: bool = False  # the submit was handed to the upstream client: it may have arrived
     response: web.StreamResponse | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
 

@@ -3,8 +3,11 @@
 Every ``interval_seconds`` it looks at reservations that have been open a
 while (see ``policies/budgets.toml``):
 
-* a submit whose upstream answer was never recorded (the gateway stopped
-  mid-call) is released after ``orphan_submit_seconds``, as a refused submit is;
+* a submit whose outcome is unknown (sent and its answer lost, or the gateway
+  stopped mid-call) is resolved after ``orphan_submit_seconds`` as
+  ``settlement.indeterminate`` says: charged at the reserved figure (the job
+  shows FAILED) or released (ERROR), with basis ``indeterminate`` in the
+  ledger and a log line to reconcile against the upstream's invoice;
 * a job still running is asked about once (so a job nobody polls still
   settles); once it is older than ``stale_job_seconds`` and still not
   terminal, it is resolved as ``stale_job_action`` says and shown as ERROR.
@@ -21,21 +24,29 @@ from datetime import timedelta
 
 from .budget import BudgetRules
 from .clock import Clock, iso_utc
+from .metrics import Metrics
+from .money import micros_to_usd
 from .refresh import StatusRefresher
-from .store import TERMINAL_STATUSES, Decision, JobUpdate, Reservation, Store
+from .store import TERMINAL_STATUSES, UNKNOWN_OUTCOME, Decision, JobUpdate, Reservation, Store
 
 logger = logging.getLogger(__name__)
 
-ORPHAN_NOTE = "the gateway stopped before the upstream answered the submit; released by the sweeper"
+INDETERMINATE = "indeterminate"  # the ledger basis of a resolved indeterminate submit
+INDETERMINATE_CHARGED = ("The upstream's answer to this submit was lost (a timeout, a reset or a restart), so it may "
+                         "have run; charged at the reserved figure, as the gateway's policy says")
+INDETERMINATE_RELEASED = ("The upstream's answer to this submit was lost (a timeout, a reset or a restart); not charged, "
+                          "as the gateway's policy says")
 STALE_ERROR = "The gateway could not follow this job to its end"
 
 
 class Sweeper:
-    def __init__(self, store: Store, refresher: StatusRefresher, rules: BudgetRules, clock: Clock) -> None:
+    def __init__(self, store: Store, refresher: StatusRefresher, rules: BudgetRules, clock: Clock,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
         self.refresher = refresher
         self.rules = rules
         self.clock = clock
+        self.metrics = metrics
 
     async def run(self) -> None:
         """Sweep forever, every ``sweep_interval_seconds``; a failed sweep is logged and retried."""
@@ -54,10 +65,8 @@ class Sweeper:
         await self.store.purge_idempotency(iso_utc(now))
         resolved = 0
         for reservation in await self.store.open_reservations(created_before=cutoff):
-            if reservation.job_status == "SUBMITTING":
-                await self.store.mark_rejected(reservation.job_id, ORPHAN_NOTE)
-                logger.warning("released %s: %s", reservation.handle, ORPHAN_NOTE)
-                resolved += 1
+            if reservation.job_status in UNKNOWN_OUTCOME:
+                resolved += await self._resolve_indeterminate(reservation)
                 continue
             status = None
             if reservation.upstream_id is not None:
@@ -68,6 +77,32 @@ class Sweeper:
                 await self._resolve_stale(reservation)
                 resolved += 1
         return resolved
+
+    async def _resolve_indeterminate(self, reservation: Reservation) -> int:
+        """Charge or release a submit whose outcome stayed unknown; 1 if this sweep resolved it."""
+        charged = self.rules.indeterminate_charged
+        if charged:
+            decision = Decision("settle", reservation.amount_micros, reservation.seconds, reservation.resolution,
+                                INDETERMINATE, "outcome unknown: charged by policy (settlement.indeterminate)")
+            update_status, error = "FAILED", INDETERMINATE_CHARGED
+        else:
+            decision = Decision.release("outcome unknown: released by policy (settlement.indeterminate)",
+                                        reservation.seconds, reservation.resolution, INDETERMINATE)
+            update_status, error = "ERROR", INDETERMINATE_RELEASED
+        stamp = iso_utc()
+        if not await self.store.update_job(reservation.job_id, JobUpdate(update_status, None, error, stamp, stamp,
+                                                                         time.time()), decision):
+            return 0
+        action = "charge" if charged else "release"
+        if self.metrics is not None:
+            self.metrics.child(self.metrics.indeterminate_resolved, action).inc()
+        logger.warning("indeterminate submit %s of team %s (%s, submitted %s): %s $%s", reservation.handle,
+                       reservation.team, reservation.model, reservation.created_at,
+                       "charged" if charged else "released", micros_to_usd(reservation.amount_micros),
+                       extra={"event": "submit.indeterminate_resolved", "handle": reservation.handle,
+                              "team": reservation.team, "model": reservation.model, "action": action,
+                              "amount_micros": reservation.amount_micros, "submitted_at": reservation.created_at})
+        return 1
 
     async def _resolve_stale(self, reservation: Reservation) -> None:
         age = f"not terminal after {self.rules.stale_job_seconds:g} s"

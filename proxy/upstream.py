@@ -4,7 +4,11 @@ Every call goes through :meth:`Upstream._call`, which injects the key, applies
 timeouts, and turns each way a call can fail into an error of
 :mod:`proxy.errors`: the upstream's own 4xx/5xx keep their status and message
 (with the key scrubbed out), an unreachable upstream is 502, a slow one 504.
-A submit is never retried here: it is not idempotent upstream.
+A submit is never retried here: it is not idempotent upstream. A failed call
+says whether it may have reached the upstream (``indeterminate``): only a
+connection that was never made (refused, DNS failure, connect timeout) is
+provably unsent; a timeout or reset after sending, or a 2xx answer the
+gateway cannot read, may hide a job the upstream accepted.
 """
 
 from __future__ import annotations
@@ -89,7 +93,8 @@ class Upstream:
         body = await self._call("submit", "POST", path, json=params)
         upstream_id = body.get("request_id")
         if not isinstance(upstream_id, str) or not UPSTREAM_ID.fullmatch(upstream_id):
-            raise UpstreamUnavailable("The upstream accepted the request but returned no usable request_id")
+            raise UpstreamUnavailable("The upstream accepted the request but returned no usable request_id",
+                                      indeterminate=True)
         return body
 
     async def status(self, upstream_id: str) -> dict[str, Any]:
@@ -116,17 +121,27 @@ class Upstream:
                     kind = "429" if status == 429 else status_class(status)
                     observe_upstream(self.metrics, operation, started, status, kind)
                     raise self._refusal(response, text)
+        except aiohttp.ConnectionTimeoutError:
+            observe_upstream(self.metrics, operation, started, status, "timeout")
+            logger.warning("upstream %s: no connection within %gs", operation, self._timeout.connect or 0,
+                           extra={"event": "upstream.unreachable", "path": path})
+            raise UpstreamTimeout("The upstream could not be reached in time") from None
         except asyncio.TimeoutError:
             observe_upstream(self.metrics, operation, started, status, "timeout")
             logger.warning("upstream %s timed out", operation, extra={"event": "upstream.timeout", "path": path})
             raise UpstreamTimeout(
-                f"The upstream did not answer within {self._timeout.total:g} seconds"
+                f"The upstream did not answer within {self._timeout.total:g} seconds", indeterminate=True
             ) from None
-        except aiohttp.ClientError as exc:
+        except aiohttp.ClientConnectorError as exc:
             observe_upstream(self.metrics, operation, started, status, "connect")
             logger.warning("upstream %s failed: %s", operation, type(exc).__name__,
                            extra={"event": "upstream.unreachable", "path": path})
             raise UpstreamUnavailable("The upstream could not be reached") from None
+        except aiohttp.ClientError as exc:  # connected, then reset or cut off: the request may have arrived
+            observe_upstream(self.metrics, operation, started, status, "connect")
+            logger.warning("upstream %s failed after connecting: %s", operation, type(exc).__name__,
+                           extra={"event": "upstream.unreachable", "path": path})
+            raise UpstreamUnavailable("The upstream connection failed before it answered", indeterminate=True) from None
         try:
             body = json.loads(text)
         except (ValueError, RecursionError):
@@ -135,7 +150,7 @@ class Upstream:
             observe_upstream(self.metrics, operation, started, status, "malformed")
             logger.warning("upstream %s answered %d with a body that is not a JSON object", operation, status,
                            extra={"event": "upstream.malformed", "path": path, "upstream_status": status})
-            raise UpstreamUnavailable("The upstream answered with an unreadable body")
+            raise UpstreamUnavailable("The upstream answered with an unreadable body", indeterminate=True)
         observe_upstream(self.metrics, operation, started, status, None)
         return self._redactor.value(body)  # nothing the upstream says is stored, answered or delivered unscrubbed
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import pytest
 
 from proxy.simulator import Fault, Simulator
-from tests.conftest import EDIT_PATH, TEXT_PATH, Gateway, auth, policies_with, wait_for_status
+from tests.conftest import EDIT_PATH, TEXT_PATH, Gateway, auth, free_port, policies_with, wait_for_status
 
 TERMINAL = {"COMPLETED", "FAILED", "ERROR"}
 LEDGER = ("kind", "reserved_delta", "spent_delta", "seconds", "resolution", "basis")
@@ -59,24 +60,42 @@ async def test_failed_can_be_released_by_policy(start_gateway, simulator: Simula
     assert gateway.ledger_rows("kind", "note")[-1] == ("release", "FAILED: released by policy")
 
 
-@pytest.mark.parametrize("fault", [Fault(op="submit", status=500), Fault(op="submit", status=429),
-                                   Fault(op="submit", kind="reset"), Fault(op="submit", kind="malformed")])
+@pytest.mark.parametrize("fault", [Fault(op="submit", status=500), Fault(op="submit", status=429)])
 async def test_a_refused_submit_releases_at_once(gateway: Gateway, simulator: Simulator, fault: Fault) -> None:
     simulator.add_fault(fault)
 
     code, _, _ = await gateway.submit()
 
-    assert code in (429, 500, 502)
+    assert code in (429, 500)
     assert [row[:3] for row in gateway.ledger_rows(*LEDGER)] == [("reserve", 420_000, 0), ("release", -420_000, 0)]
     assert [row[1:] for row in gateway.totals()] == [(0, 0, 0)]
 
 
-async def test_a_timed_out_submit_releases_at_once(start_gateway, simulator: Simulator) -> None:
-    gateway = await start_gateway(upstream_timeout=0.3)
-    simulator.add_fault(Fault(op="submit", kind="delay", delay=1.0))
+async def test_a_submit_that_never_reached_the_upstream_releases_at_once(start_gateway) -> None:
+    gateway = await start_gateway(upstream_url=f"http://127.0.0.1:{free_port()}")  # nothing listens: refused
 
-    assert (await gateway.submit())[0] == 504
+    code, body, _ = await gateway.submit()
+
+    assert (code, body["message"]) == (502, "The upstream could not be reached")
+    assert [row[:3] for row in gateway.ledger_rows(*LEDGER)] == [("reserve", 420_000, 0), ("release", -420_000, 0)]
     assert [row[1:] for row in gateway.totals()] == [(0, 0, 0)]
+
+
+@pytest.mark.parametrize("fault", [Fault(op="submit", kind="delay", delay=1.0), Fault(op="submit", kind="reset"),
+                                   Fault(op="submit", kind="malformed")], ids=["timeout", "reset", "malformed"])
+async def test_a_submit_whose_answer_was_lost_stays_reserved_as_indeterminate(start_gateway, simulator: Simulator,
+                                                                             fault: Fault) -> None:
+    gateway = await start_gateway(upstream_timeout=0.3)
+    simulator.add_fault(fault)
+
+    code, body, _ = await gateway.submit()
+
+    assert code in (502, 504)
+    assert "may have reached the upstream, so its cost stays reserved" in body["message"]
+    assert [row[:3] for row in gateway.ledger_rows(*LEDGER)] == [("reserve", 420_000, 0)]
+    assert [row[1:] for row in gateway.totals()] == [(0, 420_000, 0)]
+    with sqlite3.connect(gateway.services.config.db_path) as db:
+        assert db.execute("SELECT status FROM jobs").fetchall() == [("INDETERMINATE",)]
 
 
 async def test_edit_video_settles_on_the_output_it_actually_got(start_gateway, simulator: Simulator) -> None:

@@ -29,10 +29,10 @@ async def test_nothing_leaks_across_success_and_every_kind_of_failure(
     await call("POST", TEXT_PATH, json={"prompt": 1}, headers=auth(token))
     await call("POST", EDIT_PATH, data=b"{", headers=auth(token))
     await call("POST", "/no-such-model/v1/x", json={}, headers=auth(token))
-    for fault in (Fault(op="submit", status=401), Fault(op="submit", status=500), Fault(op="submit", kind="reset"),
-                  Fault(op="submit", kind="malformed")):
-        simulator.add_fault(fault)
-        await call("POST", TEXT_PATH, json={"prompt": "p"}, headers=auth(token))
+    for n, fault in enumerate((Fault(op="submit", status=401), Fault(op="submit", status=500),
+                               Fault(op="submit", kind="reset"), Fault(op="submit", kind="malformed"))):
+        simulator.add_fault(fault)  # distinct bodies: a lost answer holds its own body's fingerprint
+        await call("POST", TEXT_PATH, json={"prompt": f"p{n}"}, headers=auth(token))
     simulator.add_fault(Fault(op="status", status=503))
     _, second, _ = await gateway.submit(headers=auth(token))
     await call("GET", f"/v2/requests/status/{second['request_id']}", headers=auth(token))

@@ -12,7 +12,7 @@ import requests
 
 from proxy.simulator import Fault, Simulator
 from proxy.store.sqlite import SQLiteStore
-from proxy.sweeper import ORPHAN_NOTE, STALE_ERROR
+from proxy.sweeper import INDETERMINATE_CHARGED, INDETERMINATE_RELEASED, STALE_ERROR
 from tests.conftest import until, TEXT_PATH, auth, free_port, ledger_mismatches, policies_with
 from tests.processes import GatewayProcess
 
@@ -87,32 +87,47 @@ async def _crash_mid_submit(tmp_path: Path, upstream: str, policies: Path) -> Pa
     return db
 
 
-async def _restart_and_expect_release(db: Path, upstream: str, policies: Path) -> None:
+async def _restart_and_expect_resolution(db: Path, upstream: str, policies: Path, *, charged: bool) -> None:
+    """A submit the gateway was killed in is indeterminate (it may have reached the upstream): resolved by policy."""
     gateway = GatewayProcess(db, upstream, policies).start()
+    state = "settled" if charged else "released"
     try:
-        await until(lambda: rows(db, "SELECT state FROM reservations") == [("released",)])
+        await until(lambda: rows(db, "SELECT state FROM reservations") == [(state,)])
     finally:
         gateway.stop()
-    assert rows(db, "SELECT kind, reserved_delta, spent_delta, note FROM ledger ORDER BY id") == [
-        ("reserve", 420_000, 0, None), ("release", -420_000, 0, ORPHAN_NOTE)]
-    assert rows(db, "SELECT status FROM jobs") == [("REJECTED",)]
-    assert rows(db, "SELECT spent_micros, reserved_micros FROM budget_totals WHERE scope = 'team:design'") == [(0, 0)]
+    note = f"outcome unknown: {'charged' if charged else 'released'} by policy (settlement.indeterminate)"
+    assert rows(db, "SELECT kind, reserved_delta, spent_delta, basis, note FROM ledger ORDER BY id") == [
+        ("reserve", 420_000, 0, "params", None),
+        ("settle" if charged else "release", -420_000, 420_000 if charged else 0, "indeterminate", note)]
+    assert rows(db, "SELECT status, error FROM jobs") == [
+        ("FAILED", INDETERMINATE_CHARGED) if charged else ("ERROR", INDETERMINATE_RELEASED)]
+    assert rows(db, "SELECT spent_micros, reserved_micros FROM budget_totals WHERE scope = 'team:design'") == [
+        (420_000 if charged else 0, 0)]
     assert await ledger_mismatches(db) == []
 
 
-async def test_crash_between_reserve_and_forward(tmp_path: Path, blackhole: str) -> None:
+async def test_a_crash_after_sending_is_indeterminate_and_charged_by_default(tmp_path: Path, blackhole: str) -> None:
     policies = policies_with(tmp_path, FAST_SWEEP)
 
     db = await _crash_mid_submit(tmp_path, blackhole, policies)
 
-    await _restart_and_expect_release(db, blackhole, policies)
+    await _restart_and_expect_resolution(db, blackhole, policies, charged=True)
 
 
-async def test_crash_between_forward_and_record(tmp_path: Path, simulator: Simulator) -> None:
+async def test_a_crash_after_the_upstream_created_the_job_is_charged_by_default(tmp_path: Path,
+                                                                               simulator: Simulator) -> None:
     policies = policies_with(tmp_path, FAST_SWEEP)
     simulator.add_fault(Fault(op="submit", kind="delay", delay=20, stage="after"))  # created upstream, answer held
 
     db = await _crash_mid_submit(tmp_path, simulator.url, policies)  # type: ignore[attr-defined]
 
     assert len(simulator.jobs) == 1
-    await _restart_and_expect_release(db, simulator.url, policies)  # type: ignore[attr-defined]
+    await _restart_and_expect_resolution(db, simulator.url, policies, charged=True)  # type: ignore[attr-defined]
+
+
+async def test_the_policy_may_release_indeterminate_submits_instead(tmp_path: Path, blackhole: str) -> None:
+    policies = policies_with(tmp_path, FAST_SWEEP + 'settlement: indeterminate = "release"')
+
+    db = await _crash_mid_submit(tmp_path, blackhole, policies)
+
+    await _restart_and_expect_resolution(db, blackhole, policies, charged=False)

@@ -17,15 +17,20 @@ def job_statuses(gateway: Gateway) -> list[tuple[str, str | None]]:
         return db.execute("SELECT status, upstream_id FROM jobs ORDER BY id").fetchall()
 
 
+HELD = ". The request may have reached the upstream, so its cost stays reserved until the gateway resolves it; retry with the same Idempotency-Key to learn the outcome."
+
 REFUSALS = [
     (Fault(op="submit", status=402), 402, {"error": "Insufficient Balance", "message": "Your wallet does not have enough balance."}),
     (Fault(op="submit", status=400), 400, {"error": "Bad Request", "message": "Simulated upstream fault"}),
     (Fault(op="submit", status=403), 403, {"error": "Forbidden", "message": "Simulated upstream fault"}),
     (Fault(op="submit", status=500), 500, {"error": "Internal Server Error", "message": "Simulated upstream fault"}),
     (Fault(op="submit", status=503), 503, {"error": "Service Unavailable", "message": "Simulated upstream fault"}),
-    (Fault(op="submit", kind="reset"), 502, {"error": "Bad Gateway", "message": "The upstream could not be reached"}),
-    (Fault(op="submit", kind="malformed"), 502, {"error": "Bad Gateway", "message": "The upstream answered with an unreadable body"}),
-    (Fault(op="submit", kind="truncated"), 502, {"error": "Bad Gateway", "message": "The upstream answered with an unreadable body"}),
+    (Fault(op="submit", kind="reset"), 502, {"error": "Bad Gateway",
+                                             "message": "The upstream connection failed before it answered" + HELD}),
+    (Fault(op="submit", kind="malformed"), 502, {"error": "Bad Gateway",
+                                                 "message": "The upstream answered with an unreadable body" + HELD}),
+    (Fault(op="submit", kind="truncated"), 502, {"error": "Bad Gateway",
+                                                 "message": "The upstream answered with an unreadable body" + HELD}),
 ]
 
 
@@ -39,7 +44,8 @@ async def test_upstream_refusals_map_to_its_status_and_shape_and_are_not_retried
 
     assert (status, answer) == (code, body)
     assert len(simulator.calls_of("submit")) == 1
-    assert job_statuses(gateway) == [("REJECTED", None)]
+    # An error status is a refusal (released); a reset or an unreadable answer may hide an accepted job (held)
+    assert job_statuses(gateway) == [("INDETERMINATE" if fault.kind != "status" else "REJECTED", None)]
 
 
 async def test_429_passes_retry_after_on(gateway: Gateway, simulator: Simulator) -> None:
@@ -57,9 +63,10 @@ async def test_a_slow_upstream_is_504_and_the_submit_is_not_resent(start_gateway
 
     code, body, _ = await gateway.submit()
 
-    assert (code, body) == (504, {"error": "Gateway Timeout", "message": "The upstream did not answer within 0.3 seconds"})
+    assert (code, body) == (504, {"error": "Gateway Timeout",
+                                  "message": "The upstream did not answer within 0.3 seconds" + HELD})
     assert len(simulator.calls_of("submit")) == 1
-    assert job_statuses(gateway) == [("REJECTED", None)]
+    assert job_statuses(gateway) == [("INDETERMINATE", None)]
 
 
 async def test_an_unreachable_upstream_is_502(start_gateway) -> None:

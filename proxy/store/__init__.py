@@ -21,10 +21,14 @@ if TYPE_CHECKING:
 
 PERIODS = ("month", "week", "day", "total")
 
-#: A job is in one of these states. SUBMITTING and REJECTED are the gateway's
-#: own: the intent to submit is recorded before the upstream call, and a
-#: submit the upstream refused (or that may not have reached it) is REJECTED.
+#: A job is in one of these states. SUBMITTING, INDETERMINATE and REJECTED are
+#: the gateway's own: the intent to submit is recorded before the upstream call;
+#: a submit that was sent but whose answer was lost (a timeout, a reset, a crash)
+#: is INDETERMINATE, its money held until the sweeper resolves it by policy; a
+#: submit the upstream refused, or that provably never reached it, is REJECTED.
 TERMINAL_STATUSES = ("COMPLETED", "FAILED", "ERROR")
+#: Jobs whose upstream outcome the gateway does not know (yet): never resubmitted while so.
+UNKNOWN_OUTCOME = ("SUBMITTING", "INDETERMINATE")
 
 TEAM_SETTINGS = ("budget_limit_micros", "period", "soft_threshold_percent", "user_cap_micros",
                  "max_concurrent_jobs", "max_submits_per_minute")
@@ -269,7 +273,8 @@ class Store(Protocol):
         ...
 
     async def find_reusable(self, fingerprint: str, completed_after: str) -> tuple[int, str] | None:
-        """(job id, status) of the newest job with ``fingerprint`` that is running, or COMPLETED after the given time."""
+        """(job id, status) of the newest job with ``fingerprint`` that is running, of unknown outcome (see
+        :data:`UNKNOWN_OUTCOME`), or COMPLETED after the given time."""
         ...
 
     async def attach_handle(self, submission: Submission, job_id: int, saving: Saving) -> int:
@@ -277,7 +282,11 @@ class Store(Protocol):
         ...
 
     async def mark_rejected(self, job_id: int, reason: str) -> None:
-        """The upstream refused the submit (or may not have got it): hide the job, release its money."""
+        """The upstream refused the submit, or provably never got it: hide the job, release its money."""
+        ...
+
+    async def mark_indeterminate(self, job_id: int, reason: str) -> None:
+        """The submit was sent and its answer lost: keep the job's money held (and its key and fingerprint bound)."""
         ...
 
     async def get_handle(self, handle: str) -> HandleView | None:

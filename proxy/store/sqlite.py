@@ -57,7 +57,7 @@ _HANDLE_SELECT = """
     SELECT h.id, h.team, h.user_id, h.model, h.created_at,
            j.id, j.upstream_id, j.status, j.output, j.error, j.updated_at, j.completed_at, j.checked_at
     FROM handles h JOIN jobs j ON j.id = h.job_id
-    WHERE j.status NOT IN ('SUBMITTING', 'REJECTED')
+    WHERE j.status NOT IN ('SUBMITTING', 'INDETERMINATE', 'REJECTED')
 """
 _TEAM_COLUMNS = ("name, budget_limit_micros, period, created_at, soft_threshold_percent, user_cap_micros, "
                  "max_concurrent_jobs, max_submits_per_minute, updated_at")
@@ -312,8 +312,8 @@ class SQLiteStore:
 
     async def find_reusable(self, fingerprint: str, completed_after: str) -> tuple[int, str] | None:
         row = await self._read_point(
-            "SELECT id, status FROM jobs WHERE fingerprint = ? AND (status IN ('QUEUED', 'PROCESSING') "
-            "OR (status = 'COMPLETED' AND finished_at >= ?)) ORDER BY id DESC LIMIT 1",
+            "SELECT id, status FROM jobs WHERE fingerprint = ? AND (status IN ('QUEUED', 'PROCESSING', "
+            "'SUBMITTING', 'INDETERMINATE') OR (status = 'COMPLETED' AND finished_at >= ?)) ORDER BY id DESC LIMIT 1",
             (fingerprint, completed_after),
         )
         return (row[0], row[1]) if row else None
@@ -365,6 +365,11 @@ class SQLiteStore:
                 accounts.resolve(db, job_id, Decision.release(reason), now)
 
         await self._write(rejected)
+
+    async def mark_indeterminate(self, job_id: int, reason: str) -> None:
+        await self._write(lambda db: db.execute(
+            "UPDATE jobs SET status = 'INDETERMINATE', error = ?, updated_at = ? WHERE id = ? AND status = 'SUBMITTING'",
+            (reason, iso_utc(), job_id)))
 
     async def get_handle(self, handle: str) -> HandleView | None:
         row = await self._read_point(_HANDLE_SELECT + " AND h.id = ?", (handle,))
@@ -553,7 +558,8 @@ class SQLiteStore:
             figures["pixazo_proxy_budget_remaining_usd"] = remaining
             figures["pixazo_proxy_jobs_in_flight"] = [
                 ({"model": model, "status": status}, count) for model, status, count in rows(
-                    "SELECT model, status, COUNT(*) FROM jobs WHERE status IN ('SUBMITTING', 'QUEUED', 'PROCESSING') "
+                    "SELECT model, status, COUNT(*) FROM jobs "
+                    "WHERE status IN ('SUBMITTING', 'INDETERMINATE', 'QUEUED', 'PROCESSING') "
                     "GROUP BY model, status")]
             figures["pixazo_proxy_jobs_finished"] = [
                 ({"model": model, "status": status}, count) for model, status, count in rows(
