@@ -99,7 +99,8 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         ]
     )
     media = MediaStore(cache_rules.media_directory, max_bytes=cache_rules.media_max_bytes, public_url=config.base_url,
-                       allow_private=config.probe_allow_private) if cache_rules.keep_media else None
+                       allow_private=config.probe_allow_private, max_files_per_job=cache_rules.media_max_files_per_job,
+                       concurrency=cache_rules.media_concurrency) if cache_rules.keep_media else None
     settler = Settler(store, catalog, pricer, rules, media, metrics, alerts)
     refresher = StatusRefresher(store, upstream, settler, config.status_refresh_seconds)
     sweeper = Sweeper(store, refresher, rules, clock, metrics)

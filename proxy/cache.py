@@ -62,6 +62,8 @@ class CacheRules:
     keep_media: bool = False
     media_directory: Path = Path("media")
     media_max_bytes: int = 256 * 1024 * 1024
+    media_max_files_per_job: int = 4
+    media_concurrency: int = 2
 
 
 def load_cache_rules(policies_dir: Path) -> CacheRules:
@@ -76,6 +78,8 @@ def load_cache_rules(policies_dir: Path) -> CacheRules:
         keep_media=media.boolean("keep_copies", False),
         media_directory=directory if directory.is_absolute() else policies_dir.parent / directory,
         media_max_bytes=media.integer("max_bytes", 256 * 1024 * 1024, minimum=1024),
+        media_max_files_per_job=media.integer("max_files_per_job", 4, minimum=1),
+        media_concurrency=media.integer("concurrency", 2, minimum=1),
     )
     for section in (dedup, idempotency, media, root):
         section.done()

@@ -16,11 +16,12 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .catalog import ModelSpec, Pricing
 from .pipeline import Policy, SubmitContext
-from .probe import MediaInfo, MediaProber, read_media_info
+from .probe import MediaInfo, MediaProber, read_media_file
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +83,13 @@ class Pricer:
         return Estimate(price(pricing, seconds, resolution), seconds, resolution, basis, exact)
 
     async def actual(self, model: ModelSpec, reserved: Estimate, output: dict[str, Any] | None,
-                     output_bytes: bytes | None = None) -> Estimate:
-        """The cost of a COMPLETED job (``output_bytes``: its first file, when already downloaded)."""
+                     output_file: Path | None = None) -> Estimate:
+        """The cost of a COMPLETED job (``output_file``: its first file, when already kept locally)."""
         if reserved.exact:
             return reserved
         urls = (output or {}).get("media_url") or []
-        if output_bytes is not None:
-            info = await asyncio.to_thread(read_media_info, output_bytes)
+        if output_file is not None:
+            info = await asyncio.to_thread(read_media_file, output_file)
         elif self.prober and urls and isinstance(urls[0], str):
             info = await self.prober.probe(urls[0])
         else:

@@ -13,6 +13,8 @@ import io
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 from hachoir.core import config as hachoir_config
@@ -34,15 +36,28 @@ class MediaInfo:
 
 def read_media_info(data: bytes) -> MediaInfo | None:
     """What hachoir can tell of ``data``; None when it is not a readable video."""
+    return _read(io.BytesIO(data), len(data))
+
+
+def read_media_file(path: Path) -> MediaInfo | None:
+    """What hachoir can tell of the file at ``path`` (read as it parses, not loaded whole)."""
+    try:
+        with path.open("rb") as file:
+            return _read(file, path.stat().st_size)
+    except OSError:
+        return None
+
+
+def _read(file: BinaryIO, size: int) -> MediaInfo | None:
     hachoir_config.quiet = True  # it otherwise prints parse warnings to the console
     try:
-        parser = guessParser(InputIOStream(io.BytesIO(data), source="probe"))
+        parser = guessParser(InputIOStream(file, source="probe"))
         if parser is None:
             return None
         with parser:
             metadata = extractMetadata(parser)
     except Exception as exc:  # hachoir raises many kinds on odd input; all mean "unreadable"
-        logger.debug("media probe could not parse %d bytes: %s", len(data), type(exc).__name__)
+        logger.debug("media probe could not parse %d bytes: %s", size, type(exc).__name__)
         return None
     if metadata is None or not metadata.has("duration"):
         return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from .alerts import Alerts
 from .budget import BudgetRules
@@ -43,15 +44,15 @@ class Settler:
     async def apply(self, job_id: int, update: JobUpdate) -> bool:
         """Record ``update``; a terminal one settles or releases the job's money with it."""
         decision = None
-        output_bytes = None
+        output_file = None
         if update.status == "COMPLETED" and self.media is not None:
-            output, output_bytes = await self.media.keep(update.output)
+            output, output_file = await self.media.keep(update.output)
             update = replace(update, output=output)
         reservation = None
         if update.status in TERMINAL_STATUSES:
             reservation = await self.store.reservation(job_id)
             if reservation is not None and reservation.state == "open":
-                decision = await self.decide(reservation, update, output_bytes)
+                decision = await self.decide(reservation, update, output_file)
         applied = await self.store.update_job(job_id, update, decision)
         if applied and reservation is not None and decision is not None:
             overrun = decision.charge_micros - reservation.amount_micros
@@ -67,7 +68,7 @@ class Settler:
                                "duration_ms": round(seconds * 1000)})
         return applied
 
-    async def decide(self, reservation: Reservation, update: JobUpdate, output_bytes: bytes | None = None) -> Decision:
+    async def decide(self, reservation: Reservation, update: JobUpdate, output_file: Path | None = None) -> Decision:
         if update.status == "ERROR":
             return Decision.release("ERROR: not charged, as the upstream documents", reservation.seconds,
                                     reservation.resolution)
@@ -79,7 +80,7 @@ class Settler:
         model = self.catalog.models.get(reservation.model)
         reserved = Estimate(reservation.amount_micros, reservation.seconds, reservation.resolution,
                             reservation.basis, reservation.basis == FROM_PARAMS)
-        actual = await self.pricer.actual(model, reserved, update.output, output_bytes) if model else reserved
+        actual = await self.pricer.actual(model, reserved, update.output, output_file) if model else reserved
         note = "COMPLETED"
         if actual.amount_micros > reservation.amount_micros:
             note = (f"COMPLETED; overrun: cost ${micros_to_usd(actual.amount_micros)}, "

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 
-from proxy.simulator import Simulator
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.simulator import Fault, Simulator
 from proxy.sim_media import build_mp4
-from tests.conftest import EDIT_PATH, TEXT_PATH, policies_with, wait_for_status
+from tests.conftest import EDIT_PATH, TEXT_PATH, free_port, policies_with, wait_for_status
 
 
 async def test_outputs_are_kept_and_served_by_the_gateway_after_upstream_links_expire(
@@ -53,3 +58,71 @@ async def test_without_the_policy_upstream_links_are_passed_on(gateway) -> None:
     done = await wait_for_status(gateway, body["request_id"], {"COMPLETED"})
 
     assert done["output"]["media_url"][0].startswith(gateway.services.config.upstream_url + "/media/")
+
+
+class Files:
+    """A loopback file server that counts what it is asked for."""
+
+    def __init__(self) -> None:
+        self.gets: list[str] = []
+        self.server: TestServer | None = None
+
+    async def serve(self, request: web.Request) -> web.Response:
+        self.gets.append(request.path)
+        size = int(request.match_info["size"])
+        return web.Response(body=build_mp4(3, "480p") if size == 0 else bytes(size), content_type="video/mp4")
+
+    def url(self, size: int = 0) -> str:
+        assert self.server is not None
+        return str(self.server.make_url(f"/{size}.mp4"))
+
+
+@pytest.fixture
+async def files() -> AsyncIterator[Files]:
+    state = Files()
+    app = web.Application()
+    app.router.add_get("/{size}.mp4", state.serve)
+    state.server = TestServer(app, host="127.0.0.1", port=free_port())
+    await state.server.start_server()
+    yield state
+    await state.server.close()
+
+
+async def kept_output(start_gateway, simulator: Simulator, tmp_path, media_url: list[str], **overrides) -> dict:
+    gateway = await start_gateway(policies_dir=policies_with(tmp_path, cache=(
+        f'media: keep_copies = true\nmedia: directory = "{tmp_path / "kept"}"\nmedia: max_bytes = 65536')),
+        **overrides)
+    simulator.add_fault(Fault(op="status", kind="patch", times=1000, patch={
+        "output": {"media_url": media_url, "media_type": "video/mp4"}}))
+    _, body, _ = await gateway.submit()
+    return (await wait_for_status(gateway, body["request_id"], {"COMPLETED"}))["output"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]", "169.254.169.254", "[::ffff:127.0.0.1]", "localhost"])
+async def test_media_copies_never_fetch_private_addresses_unless_allowed(start_gateway, simulator: Simulator, tmp_path,
+                                                                        files: Files, host: str) -> None:
+    url = files.url().replace("127.0.0.1", host)
+
+    output = await kept_output(start_gateway, simulator, tmp_path, [url], probe_allow_private=False)
+
+    assert output["media_url"] == [url] and files.gets == []
+
+
+async def test_a_copy_over_the_size_cap_is_left_upstream_and_nothing_stays_on_disk(start_gateway, simulator: Simulator,
+                                                                                   tmp_path, files: Files) -> None:
+    big = files.url(200_000)
+
+    output = await kept_output(start_gateway, simulator, tmp_path, [files.url(), big])
+
+    assert output["media_url"] == [files.url(), big]
+    assert files.gets == ["/0.mp4", "/200000.mp4"]
+    assert [path.name for path in (tmp_path / "kept").rglob("*") if path.is_file() and "download" in path.name] == []
+
+
+async def test_a_job_listing_too_many_files_is_not_copied(start_gateway, simulator: Simulator, tmp_path,
+                                                          files: Files) -> None:
+    urls = [files.url() + f"?n={n}" for n in range(5)]
+
+    output = await kept_output(start_gateway, simulator, tmp_path, urls)
+
+    assert output["media_url"] == urls and files.gets == []
