@@ -140,7 +140,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         await store.close()
 
     async def open_clients(app: web.Application) -> AsyncIterator[None]:
-        clients = (upstream, prober, alerts, sender, *((media,) if media else ()))
+        clients = (authenticator, upstream, prober, alerts, sender, *((media,) if media else ()))
         for client in clients:
             await client.start()
         yield

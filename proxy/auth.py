@@ -8,7 +8,6 @@ algorithms are never mixed (config refuses that).
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .config import SYMMETRIC_ALGORITHMS, Config, ConfigError
 from .errors import Forbidden, Unauthorized
+from .jwks import JwksKeys, KeyNotKnown, key_problem
 from .observe import TEAM, USER
 from .pipeline import Policy, SubmitContext
 from .store import Store, Team
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
 
 #: How long a verified token's claims are reused without checking its signature again (its expiry is checked on
-#: every request), and how many distinct tokens are remembered. Bounds how long a rotated-out JWKS key still works.
+#: every request, and with a JWKS, that its key is still listed), and how many distinct tokens are remembered.
 VERIFIED_TOKEN_SECONDS = 60.0
 VERIFIED_TOKENS = 10_000
 
@@ -44,7 +44,7 @@ _TOKEN_PROBLEMS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.InvalidIssuerError, "The token's issuer is not accepted"),
     (jwt.InvalidAlgorithmError, "The token's algorithm is not allowed"),
     (jwt.InvalidSignatureError, "The token's signature is invalid"),
-    (jwt.PyJWKClientError, "The token's signing key is not known"),
+    (jwt.InvalidKeyError, "The token's signing key cannot verify it"),
     (Exception, "The token is malformed"),
 )
 
@@ -77,14 +77,23 @@ class Authenticator:
         self.algorithms = list(config.jwt_algorithms)
         self._symmetric = bool(set(self.algorithms) & SYMMETRIC_ALGORITHMS)
         self._static_key: Any = None
-        self._jwks: jwt.PyJWKClient | None = None
+        self.jwks: JwksKeys | None = None
         if self._symmetric:
             self._static_key = config.jwt_secret.reveal()
         elif config.jwt_public_key:
             self._static_key = _read_public_key(config.jwt_public_key)
         else:
-            self._jwks = jwt.PyJWKClient(config.jwt_jwks_url, cache_keys=True, lifespan=300, timeout=5)
-        self._verified: TtlCache[str, tuple[int, dict[str, Any]]] = TtlCache(VERIFIED_TOKEN_SECONDS, VERIFIED_TOKENS)
+            self.jwks = JwksKeys(config.jwt_jwks_url, lifetime=config.jwks_lifetime, cooldown=config.jwks_cooldown)
+        self._verified: TtlCache[str, tuple[int, dict[str, Any], str | None]] = TtlCache(
+            VERIFIED_TOKEN_SECONDS, VERIFIED_TOKENS)
+
+    async def start(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.start()
+
+    async def close(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.close()
 
     def token_from(self, headers: Any) -> str:
         subscription_key = headers.get(KEY_HEADER)
@@ -128,19 +137,35 @@ class Authenticator:
         """
         verified = self._verified.get(token)
         if verified is not None:
-            expires, claims = verified
-            if time.time() < expires:
+            expires, claims, kid = verified
+            if time.time() < expires and (kid is None or self.jwks is None or self.jwks.current(kid)):
                 return claims
             self._verified.forget(token)
-        claims = await self._decode(token)
-        self._verified.put(token, (int(claims["exp"]), claims))  # int(): as PyJWT reads it
+        claims, kid = await self._decode(token)
+        self._verified.put(token, (int(claims["exp"]), claims, kid))  # int(): as PyJWT reads it
         return claims
 
-    async def _decode(self, token: str) -> dict[str, Any]:
+    async def _signing_key(self, token: str) -> tuple[Any, str | None]:
+        """The key to check ``token`` with, and its JWKS ``kid`` (None for a configured secret or PEM)."""
+        if self.jwks is None:
+            return self._static_key, None
+        header = jwt.get_unverified_header(token)
+        kid, algorithm = header.get("kid"), header.get("alg")
+        if algorithm not in self.algorithms:
+            raise Unauthorized("The token's algorithm is not allowed")
+        if not isinstance(kid, str) or not kid:
+            raise Unauthorized("The token names no signing key ('kid')")
         try:
-            key = self._static_key
-            if self._jwks is not None:
-                key = (await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)).key
+            key, jwk = await self.jwks.key_for(kid)
+        except KeyNotKnown:
+            raise Unauthorized("The token's signing key is not known") from None
+        if key_problem(algorithm, jwk) is not None:
+            raise Unauthorized("The token's algorithm does not match its signing key")
+        return key.key, kid
+
+    async def _decode(self, token: str) -> tuple[dict[str, Any], str | None]:
+        try:
+            key, kid = await self._signing_key(token)
             return jwt.decode(
                 token,
                 key,
@@ -151,12 +176,15 @@ class Authenticator:
                     "require": ["exp", "sub", self.config.jwt_team_claim],
                     "verify_aud": bool(self.config.jwt_audience),
                 },
-            )
+            ), kid
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthorized(f"The token lacks the '{exc.claim}' claim") from None
-        except (jwt.InvalidTokenError, jwt.PyJWKClientError) as exc:
+        except (jwt.InvalidTokenError, jwt.InvalidKeyError) as exc:
             message = next(text for kind, text in _TOKEN_PROBLEMS if isinstance(exc, kind))
             raise Unauthorized(message) from None
+        except (TypeError, ValueError) as exc:  # a key the token's algorithm cannot use: refused, in one line
+            logger.info("token refused: its key cannot verify it (%s)", type(exc).__name__)
+            raise Unauthorized("The token's signing key cannot verify it") from None
 
 
 def _read_public_key(value: str) -> str:

@@ -69,6 +69,8 @@ class Config:
     jwt_issuer: str = ""
     jwt_audience: str = ""
     jwt_team_claim: str = "team"
+    jwks_lifetime: float = 300.0
+    jwks_cooldown: float = 10.0
     max_token_bytes: int = 8192
     max_body_bytes: int = 1024 * 1024
     upstream_timeout: float = 30.0
@@ -146,6 +148,8 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "jwt_issuer": ("PROXY_JWT_ISSUER", _text),
     "jwt_audience": ("PROXY_JWT_AUDIENCE", _text),
     "jwt_team_claim": ("PROXY_JWT_TEAM_CLAIM", _text),
+    "jwks_lifetime": ("PROXY_JWKS_LIFETIME", _positive_float),
+    "jwks_cooldown": ("PROXY_JWKS_COOLDOWN", _positive_float),
     "max_token_bytes": ("PROXY_MAX_TOKEN_BYTES", _int),
     "max_body_bytes": ("PROXY_MAX_BODY_BYTES", _int),
     "upstream_timeout": ("PROXY_UPSTREAM_TIMEOUT", _positive_float),
