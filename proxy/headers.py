@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.utils
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -48,3 +50,17 @@ def asks_cache_bypass(headers: Any) -> bool:
     if value.strip().lower() != "bypass":
         raise BadRequest(f"{CACHE_HEADER} on a request may only be 'bypass'")
     return True
+
+
+def retry_after(value: str | None) -> str | None:
+    """``Retry-After`` as RFC 9110 allows it (delta-seconds, or an HTTP date, re-written), else None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]{1,9}", value):
+        return value
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return email.utils.format_datetime(moment, usegmt=True) if moment.tzinfo is not None else None

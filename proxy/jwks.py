@@ -94,10 +94,7 @@ class JwksKeys:
             raise KeyNotKnown(kid)
         fetch = self._kick()
         if fetch is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(fetch), self.timeout + 1)
-            except asyncio.TimeoutError:
-                pass
+            await asyncio.wait({fetch}, timeout=self.timeout + 1)  # joins the fetch; never cancels it
         found = self._keys.get(kid) if self._fresh() else None
         if found is None:
             self._unknown.put(kid, True)

@@ -14,7 +14,6 @@ gateway cannot read, may hide a job the upstream accepted.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import re
@@ -26,6 +25,7 @@ import aiohttp
 
 from .config import Secret
 from .errors import UpstreamRefused, UpstreamTimeout, UpstreamUnavailable
+from .headers import retry_after
 from .metrics import Metrics, observe_upstream, status_class
 from .redact import Redactor
 
@@ -36,20 +36,6 @@ UPSTREAM_STATUSES = ("QUEUED", "PROCESSING", "COMPLETED", "FAILED", "ERROR")
 _MAX_ERROR_TEXT = 500
 #: An upstream request id the gateway will store and put in a path: the documented ``<model-id>_<uuid>`` fits.
 UPSTREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
-
-
-def retry_after(value: str | None) -> str | None:
-    """``Retry-After`` as RFC 9110 allows it (delta-seconds, or an HTTP date, re-written), else None."""
-    if value is None:
-        return None
-    value = value.strip()
-    if re.fullmatch(r"[0-9]{1,9}", value):
-        return value
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return email.utils.format_datetime(moment, usegmt=True) if moment.tzinfo is not None else None
 
 
 def media_urls(output: dict[str, Any]) -> dict[str, Any]:

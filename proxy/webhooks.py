@@ -26,6 +26,7 @@ import logging
 import random
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,6 +36,7 @@ import aiohttp
 
 from .clock import iso_utc
 from .errors import BadRequest
+from .headers import retry_after as retry_after_header
 from .metrics import Metrics
 from .netguard import BlockedAddress, check_literal_host, is_public_address, literal_address, outbound_session
 from .pipeline import Policy, SubmitContext
@@ -58,6 +60,8 @@ class DeliveryRules:
     retry_schedule_seconds: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     poll_seconds: float = 1.0
     concurrency: int = 8
+    per_team: int = 4
+    per_host: int = 2
 
 
 def load_delivery_rules(policies_dir: Path) -> DeliveryRules:
@@ -73,6 +77,8 @@ def load_delivery_rules(policies_dir: Path) -> DeliveryRules:
         retry_schedule_seconds=tuple(float(v) for v in schedule),
         poll_seconds=delivery.number("poll_seconds", 1.0),
         concurrency=delivery.integer("concurrency", 8, minimum=1),
+        per_team=delivery.integer("per_team", 4, minimum=1),
+        per_host=delivery.integer("per_host", 2, minimum=1),
     )
     delivery.done()
     root.done()
@@ -133,8 +139,23 @@ class Webhook(Policy):
         ctx.webhook_url, ctx.webhook_mode = url, mode
 
 
+def _target(url: str) -> str:
+    """The receiving service of a delivery: host and port."""
+    parts = urlsplit(url)
+    try:
+        return f"{parts.hostname or ''}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    except ValueError:
+        return parts.netloc
+
+
 class WebhookSender:
-    """Delivers due outbox rows, forever, as a background task."""
+    """Delivers due outbox rows, forever, as a background task.
+
+    Each delivery runs as soon as it is due and there is room, never waiting for others to finish: at most
+    ``concurrency`` at once, ``per_team`` of one team and ``per_host`` to one receiver (host and port). So a receiver that
+    hangs (or a team flooding one) holds at most those slots for ``timeout_seconds`` each, and every other
+    team's due deliveries start within a poll interval.
+    """
 
     def __init__(self, store: Store, rules: DeliveryRules, metrics: Metrics, *, allow_private: bool) -> None:
         self.store = store
@@ -142,60 +163,95 @@ class WebhookSender:
         self.metrics = metrics
         self.allow_private = allow_private
         self.session: aiohttp.ClientSession | None = None
-        self.semaphore = asyncio.Semaphore(rules.concurrency)
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._load: Counter[str] = Counter()  # in-flight deliveries per "team:<name>" and per "host:<name>"
+        self._finished = asyncio.Event()
 
     async def start(self) -> None:
         self.session = outbound_session(allow_private=self.allow_private, timeout=self.rules.timeout_seconds,
                                         headers={"User-Agent": "pixazo-proxy-webhooks"})
 
     async def close(self) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
         if self.session is not None:
             await self.session.close()
 
     async def run(self) -> None:
         while True:
             try:
-                await self.deliver_due()
+                await self.dispatch()
             except Exception:
-                logger.exception("webhook delivery round failed")
-            await asyncio.sleep(self.rules.poll_seconds)
+                logger.exception("webhook dispatch failed")
+            self._finished.clear()
+            # Look again when a delivery ends (room freed, or its handle's next one is due) or after a poll.
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancel that races the event, and this
+            # loop would then never stop.
+            waiter = asyncio.ensure_future(self._finished.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=self.rules.poll_seconds)
+            finally:
+                waiter.cancel()
 
-    async def deliver_due(self, rounds: int = 10) -> int:
-        """Deliver what is due: one delivery per handle at a time, so each handle hears its statuses in order."""
-        total = 0
-        for _ in range(rounds):
-            due = await self.store.due_deliveries(iso_utc())
-            if not due:
+    async def dispatch(self) -> int:
+        """Start every due delivery there is room for, without waiting for any; how many started.
+
+        One delivery per handle at a time (the head of its queue), so each handle hears its statuses in order.
+        """
+        if len(self._running) >= self.rules.concurrency:
+            return 0
+        due = await self.store.due_deliveries(iso_utc(), per_team=self.rules.per_team, skip=tuple(self._running))
+        started = 0
+        for delivery in due:
+            if len(self._running) >= self.rules.concurrency:
                 break
-            await asyncio.gather(*(self._deliver(delivery) for delivery in due))
-            total += len(due)
-        return total
+            team, host = f"team:{delivery.team}", f"host:{_target(delivery.url)}"
+            if delivery.id in self._running or self._load[team] >= self.rules.per_team \
+                    or self._load[host] >= self.rules.per_host:
+                continue
+            self._load.update((team, host))
+            task = asyncio.create_task(self._deliver(delivery), name=f"webhook-{delivery.id}")
+            self._running[delivery.id] = task
+            task.add_done_callback(lambda _, d=delivery.id, keys=(team, host): self._done(d, keys))
+            started += 1
+        return started
+
+    def _done(self, delivery_id: int, keys: tuple[str, str]) -> None:
+        self._running.pop(delivery_id, None)
+        self._load.subtract(keys)
+        self._finished.set()
 
     async def _deliver(self, delivery: Delivery) -> None:
-        async with self.semaphore:
-            attempts = delivery.attempts + 1
-            ok, error, retry_after = await self._post(delivery)
-            if ok:
-                await self.store.delivery_done(delivery.id, delivered=True, attempts=attempts,
-                                               next_attempt_at=None, error=None)
-                self.metrics.child(self.metrics.webhook_deliveries, "delivered").inc()
-                return
-            schedule = self.rules.retry_schedule_seconds
-            if attempts > len(schedule):
-                await self.store.delivery_done(delivery.id, delivered=False, attempts=attempts,
-                                               next_attempt_at=None, error=error)
-                self.metrics.child(self.metrics.webhook_deliveries, "failed").inc()
-                logger.error("webhook %s for %s given up after %d attempts: %s", delivery.message_id,
-                             delivery.handle, attempts, error)
-                return
-            wait = schedule[attempts - 1] * random.uniform(1.0, 1.2)
-            wait = max(wait, min(retry_after or 0.0, MAX_RETRY_AFTER_SECONDS))
-            next_at = iso_utc(datetime.now(UTC) + timedelta(seconds=wait))
+        try:
+            await self._attempt(delivery)
+        except Exception:  # the row stays pending and is tried again; say why
+            logger.exception("webhook %s for %s could not be attempted", delivery.message_id, delivery.handle)
+
+    async def _attempt(self, delivery: Delivery) -> None:
+        attempts = delivery.attempts + 1
+        ok, error, retry_after = await self._post(delivery)
+        if ok:
+            await self.store.delivery_done(delivery.id, delivered=True, attempts=attempts,
+                                           next_attempt_at=None, error=None)
+            self.metrics.child(self.metrics.webhook_deliveries, "delivered").inc()
+            return
+        schedule = self.rules.retry_schedule_seconds
+        if attempts > len(schedule):
             await self.store.delivery_done(delivery.id, delivered=False, attempts=attempts,
-                                           next_attempt_at=next_at, error=error)
-            self.metrics.child(self.metrics.webhook_deliveries, "retried").inc()
-            logger.warning("webhook %s for %s attempt %d failed (%s); next in %.1fs", delivery.message_id,
-                           delivery.handle, attempts, error, wait)
+                                           next_attempt_at=None, error=error)
+            self.metrics.child(self.metrics.webhook_deliveries, "failed").inc()
+            logger.error("webhook %s for %s given up after %d attempts: %s", delivery.message_id,
+                         delivery.handle, attempts, error)
+            return
+        wait = schedule[attempts - 1] * random.uniform(1.0, 1.2)
+        wait = max(wait, min(retry_after or 0.0, MAX_RETRY_AFTER_SECONDS))
+        next_at = iso_utc(datetime.now(UTC) + timedelta(seconds=wait))
+        await self.store.delivery_done(delivery.id, delivered=False, attempts=attempts,
+                                       next_attempt_at=next_at, error=error)
+        self.metrics.child(self.metrics.webhook_deliveries, "retried").inc()
+        logger.warning("webhook %s for %s attempt %d failed (%s); next in %.1fs", delivery.message_id,
+                       delivery.handle, attempts, error, wait)
 
     async def _post(self, delivery: Delivery) -> tuple[bool, str | None, float | None]:
         """(delivered, error, Retry-After seconds) of one attempt."""
@@ -214,8 +270,8 @@ class WebhookSender:
             async with self.session.post(delivery.url, data=body, headers=headers, allow_redirects=False) as response:
                 if 200 <= response.status < 300:
                     return True, None, None
-                retry_after = response.headers.get("Retry-After", "")
-                return False, f"HTTP {response.status}", float(retry_after) if retry_after.isdigit() else None
+                wait = retry_after_header(response.headers.get("Retry-After"))
+                return False, f"HTTP {response.status}", float(wait) if wait is not None and wait.isdigit() else None
         except BlockedAddress as exc:
             return False, f"blocked: {exc}", None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

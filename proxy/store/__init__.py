@@ -330,8 +330,9 @@ class Store(Protocol):
 
     async def handles_of(self, team: str, limit: int = 100, before: str | None = None) -> list[HandleView]: ...
 
-    async def due_deliveries(self, now: str, limit: int = 50) -> list[Any]:
-        """Pending webhook deliveries whose time has come, oldest first."""
+    async def due_deliveries(self, now: str, per_team: int = 8, skip: tuple[int, ...] = ()) -> list[Any]:
+        """Pending webhook deliveries whose time has come: the head of each handle's queue, at most ``per_team``
+        per team, none of ``skip``; the teams interleaved, oldest first within each."""
         ...
 
     async def delivery_done(self, delivery_id: int, *, delivered: bool, attempts: int, next_attempt_at: str | None,

@@ -52,12 +52,16 @@ def enqueue(db: sqlite3.Connection, targets: list[tuple[Any, str, str]], status:
         )
 
 
-def due(db: sqlite3.Connection, now: str, limit: int) -> list[Delivery]:
-    """Deliveries whose time has come, each the oldest pending one of its handle (so a handle hears in order)."""
-    return [Delivery(*row) for row in db.execute(
-        "SELECT o.id, o.message_id, o.handle, o.team, o.url, o.status, o.payload, o.attempts FROM outbox o "
-        "WHERE o.state = 'pending' AND o.next_attempt_at <= ? AND NOT EXISTS ("
-        "SELECT 1 FROM outbox e WHERE e.handle = o.handle AND e.state = 'pending' AND e.id < o.id) "
-        "ORDER BY o.next_attempt_at, o.id LIMIT ?",
-        (now, limit),
+def due(db: sqlite3.Connection, now: str, per_team: int, skip: tuple[int, ...] = ()) -> list[Delivery]:
+    """Deliveries whose time has come, each the oldest pending one of its handle (so a handle hears in order),
+    at most ``per_team`` of each team (so one team's backlog cannot hide another's), none of ``skip`` (in flight).
+    """
+    marks = ", ".join("?" for _ in skip)
+    return [Delivery(*row[:-1]) for row in db.execute(
+        "SELECT * FROM (SELECT o.id, o.message_id, o.handle, o.team, o.url, o.status, o.payload, o.attempts, "
+        "ROW_NUMBER() OVER (PARTITION BY o.team ORDER BY o.next_attempt_at, o.id) AS place FROM outbox o "
+        "WHERE o.state = 'pending' AND o.next_attempt_at <= ? " + (f"AND o.id NOT IN ({marks}) " if skip else "") +
+        "AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.handle = o.handle AND e.state = 'pending' AND e.id < o.id)) "
+        "WHERE place <= ? ORDER BY place, id",
+        (now, *skip, per_team),
     )]

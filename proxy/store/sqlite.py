@@ -333,10 +333,9 @@ class SQLiteStore:
                 job_id=job_id, model=submission.model, period_key=saving.period_key,
                 global_period_key=saving.global_period_key, saved_micros=saved, basis=submission.cache.lower(),
             )
-            if submission.webhook_url is not None:
+            if submission.webhook_url is not None:  # the status it joined at: terminal mode hears only an end,
                 (status,) = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                if status in TERMINAL_STATUSES:
-                    _notify(db, job_id, status, now, handle=submission.handle)
+                _notify(db, job_id, status, now, handle=submission.handle)  # sync mode hears PROCESSING too
             return saved
 
         return await self._write(attach)
@@ -431,8 +430,8 @@ class SQLiteStore:
 
     # webhooks
 
-    async def due_deliveries(self, now: str, limit: int = 50) -> list[outbox.Delivery]:
-        return await self._read(outbox.due, now, limit)
+    async def due_deliveries(self, now: str, per_team: int = 8, skip: tuple[int, ...] = ()) -> list[outbox.Delivery]:
+        return await self._read(outbox.due, now, per_team, skip)
 
     async def delivery_done(self, delivery_id: int, *, delivered: bool, attempts: int, next_attempt_at: str | None,
                             error: str | None) -> None:
