@@ -120,9 +120,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from .app import build_app
+    from .httpserver import run
 
     config = load_config(
         host=args.host,
@@ -142,8 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     # SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to 30 s), then run the
     # cleanup contexts: background tasks stop, clients close, the store closes last.
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None, shutdown_timeout=30,
-                loop=_event_loop(config))
+    run(app, host=config.host, port=config.port, loop=_event_loop(config), shutdown_timeout=30)
     logger.info("pixazo-proxy stopped", extra={"event": "shutdown"})
     return 0
 

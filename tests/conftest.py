@@ -25,6 +25,7 @@ from proxy.app import build_app
 from proxy.catalog import Catalog, load_catalog
 from proxy.clock import Clock
 from proxy.config import Config, load_config
+from proxy.httpserver import GatewayRunner
 from proxy.services import SERVICES, Services
 from proxy.simulator import Simulator, SimulatorSettings
 from proxy.store.sqlite import SQLiteStore
@@ -184,6 +185,13 @@ class Receiver:
         await self.server.close()
 
 
+class GatewayTestServer(TestServer):
+    """A test server that runs the gateway as ``serve`` does (its runner answers parser errors in shape)."""
+
+    async def _make_runner(self, **kwargs: Any) -> GatewayRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 _takes = itertools.count(1)  # default bodies differ, so separate submits are separate jobs, not cache hits
 
 
@@ -259,7 +267,7 @@ async def start_gateway(tmp_path: Path, simulator: Simulator) -> AsyncIterator[G
         }
         values.update(overrides)
         config: Config = load_config({}, **values)
-        server = TestServer(build_app(config, clock=clock), host="127.0.0.1", port=port)
+        server = GatewayTestServer(build_app(config, clock=clock), host="127.0.0.1", port=port)
         await server.start_server()
         session = aiohttp.ClientSession(response_class=RecordingResponse)
         started.append((server, session))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 
 import pytest
@@ -82,3 +84,23 @@ async def test_an_admin_body_with_surrogate_pairs_and_decimals_is_judged_not_cra
     async with gateway.http.patch(gateway.url + "/admin/teams/design", data=raw, headers=auth(role="admin")) as response:
         body = await response.json()
     assert (response.status, body["message"]) == (400, "'max_concurrent_jobs' must be a whole number of at least 1")
+
+
+@pytest.mark.parametrize("request_head", [
+    b"GET /v2/requests/status/" + b"x" * 20_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\nOcp-Apim-Subscription-Key: " + b"t" * 20_000 + b"\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\nBad Header Line\r\n\r\n",
+], ids=["long-request-line", "long-header", "malformed-header"])
+async def test_requests_the_http_parser_refuses_are_answered_in_the_upstream_shape(
+        gateway: Gateway, request_head: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request_head)
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"400" and b"application/json" in head
+    assert json.loads(body)["error"] == "Bad Request" and set(json.loads(body)) == {"error", "message"}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
