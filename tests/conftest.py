@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -66,6 +67,32 @@ def policies_with(tmp_path: Path, budgets: str = "", cache: str = "", webhooks: 
             text = f"{head}[{section}]\n{assignment}\n{body}{bracket}{tail}"
         (directory / name).write_text(text)
     return directory
+
+
+async def create_teams(db: str | Path, teams: dict[str, int]) -> None:
+    """Teams (name -> monthly budget in micro-dollars) in a database file, before a gateway opens it."""
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        for name, limit in teams.items():
+            await store.create_team(name, limit, "month")
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def loopback_server(*routes: tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
+                          ) -> AsyncIterator[TestServer]:
+    """A plain aiohttp server on a free loopback port with ``routes`` (method, path, handler)."""
+    app = web.Application()
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
 
 
 async def ledger_mismatches(db: str | Path) -> list[str]:

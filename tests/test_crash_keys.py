@@ -18,8 +18,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.simulator import Simulator
-from proxy.store.sqlite import SQLiteStore
-from tests.conftest import TEXT_PATH, auth, ledger_mismatches, policies_with, until
+from tests.conftest import TEXT_PATH, auth, create_teams, ledger_mismatches, policies_with, until
 from tests.processes import GatewayProcess
 
 ROUNDS = 5
@@ -72,10 +71,7 @@ async def test_retries_across_crashes_never_start_a_second_upstream_job(tmp_path
     rng = random.Random(seed)
     simulator.settings.queued_seconds, simulator.settings.processing_seconds = 0.1, 0.3
     db = tmp_path / "keys.db"
-    store = SQLiteStore(db)
-    await store.open()
-    await store.create_team("design", 1_000_000_000, "month")
-    await store.close()
+    await create_teams(db, {"design": 1_000_000_000})
     policies = policies_with(tmp_path, budgets=POLICY)
     pending: list[tuple[str, str]] = []
 

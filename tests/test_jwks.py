@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.simulator import Simulator
-from tests.conftest import Gateway, auth, free_port, until
+from tests.conftest import Gateway, auth, loopback_server, until
 
 LIFETIME = 1.0
 
@@ -66,13 +66,9 @@ class Jwks:
 @pytest.fixture
 async def jwks() -> AsyncIterator[Jwks]:
     state = Jwks()
-    app = web.Application()
-    app.router.add_get("/jwks.json", state.serve)
-    state.server = TestServer(app, host="127.0.0.1", port=free_port())
-    await state.server.start_server()
-    yield state
-    state.hang.set()
-    await state.server.close()
+    async with loopback_server(("GET", "/jwks.json", state.serve)) as state.server:
+        yield state
+        state.hang.set()
 
 
 async def jwks_gateway(start_gateway, jwks: Jwks, **overrides) -> Gateway:

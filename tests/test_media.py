@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.simulator import Fault, Simulator
 from proxy.sim_media import build_mp4
-from tests.conftest import EDIT_PATH, TEXT_PATH, free_port, policies_with, wait_for_status
+from tests.conftest import EDIT_PATH, TEXT_PATH, loopback_server, policies_with, wait_for_status
 
 
 async def test_outputs_are_kept_and_served_by_the_gateway_after_upstream_links_expire(
@@ -80,12 +80,8 @@ class Files:
 @pytest.fixture
 async def files() -> AsyncIterator[Files]:
     state = Files()
-    app = web.Application()
-    app.router.add_get("/{size}.mp4", state.serve)
-    state.server = TestServer(app, host="127.0.0.1", port=free_port())
-    await state.server.start_server()
-    yield state
-    await state.server.close()
+    async with loopback_server(("GET", "/{size}.mp4", state.serve)) as state.server:
+        yield state
 
 
 async def kept_output(start_gateway, simulator: Simulator, tmp_path, media_url: list[str], **overrides) -> dict:

@@ -28,9 +28,9 @@ from proxy.catalog import load_catalog
 from proxy.config import load_config
 from proxy.sim_media import build_mp4
 from proxy.simulator import Simulator, SimulatorSettings
-from proxy.store.sqlite import SQLiteStore
 from tests.conftest import (
-    EDIT_PATH, JWT_SECRET, POLICIES, TEXT_PATH, UPSTREAM_KEY, auth, free_port, ledger_mismatches, policies_with,
+    EDIT_PATH, JWT_SECRET, POLICIES, TEXT_PATH, UPSTREAM_KEY, auth, create_teams, free_port, ledger_mismatches,
+    loopback_server, policies_with,
 )
 
 LIMITS = {"a": 1_500_000, "b": 600_000}
@@ -52,16 +52,8 @@ async def scenario(ops: list[tuple[Any, ...]], trust_input: bool, directory: Pat
     async def video(request: web.Request) -> web.Response:
         return web.Response(body=build_mp4(int(request.match_info["seconds"]), "480p"), content_type="video/mp4")
 
-    files_app = web.Application()
-    files_app.router.add_get("/{seconds}.mp4", video)
-    files = TestServer(files_app, host="127.0.0.1", port=free_port())
-    await files.start_server()
     db = directory / "overruns.db"
-    store = SQLiteStore(db)
-    await store.open()
-    for team, limit in LIMITS.items():
-        await store.create_team(team, limit, "month")
-    await store.close()
+    await create_teams(db, LIMITS)
     policies = policies_with(directory, budgets=f"probe: trust_input = {'true' if trust_input else 'false'}")
     config = load_config({}, upstream_url=str(upstream.make_url("")).rstrip("/"), upstream_key=UPSTREAM_KEY,
                          jwt_secret=JWT_SECRET, db_path=str(db), policies_dir=policies, status_refresh_seconds=0.001,
@@ -70,7 +62,7 @@ async def scenario(ops: list[tuple[Any, ...]], trust_input: bool, directory: Pat
     await gateway.start_server()
     admin = auth(team="a", user="root", role="admin")
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession() as http, loopback_server(("GET", "/{seconds}.mp4", video)) as files:
             for op in ops:
                 if op[0] == "topup":
                     async with http.post(gateway.make_url(f"/admin/teams/{op[1]}/topups"), headers=admin,
@@ -100,7 +92,6 @@ async def scenario(ops: list[tuple[Any, ...]], trust_input: bool, directory: Pat
                 await check(db, http, gateway, admin)
     finally:
         await gateway.close()
-        await files.close()
         await upstream.close()
 
 

@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.sim_media import build_mp4
 from proxy.simulator import Simulator
-from tests.conftest import EDIT_PATH, Gateway, auth, free_port, policies_with, until, wait_for_status
+from tests.conftest import EDIT_PATH, Gateway, auth, loopback_server, policies_with, until, wait_for_status
 from tests.test_metrics import scrape, value
 
 
@@ -20,12 +19,8 @@ async def short_video() -> AsyncIterator[str]:
     async def one(request: web.Request) -> web.Response:
         return web.Response(body=build_mp4(1, "480p"), content_type="video/mp4")
 
-    app = web.Application()
-    app.router.add_get("/one.mp4", one)
-    server = TestServer(app, host="127.0.0.1", port=free_port())
-    await server.start_server()
-    yield str(server.make_url("/one.mp4"))
-    await server.close()
+    async with loopback_server(("GET", "/one.mp4", one)) as server:
+        yield str(server.make_url("/one.mp4"))
 
 
 async def admin_get(gateway: Gateway, path: str) -> dict:

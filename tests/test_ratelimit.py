@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.simulator import Simulator
-from tests.conftest import EDIT_PATH, TEXT_PATH, Gateway, auth, free_port, policies_with, wait_for_status
+from tests.conftest import EDIT_PATH, TEXT_PATH, Gateway, auth, loopback_server, policies_with, wait_for_status
 
 BIG = bytes(8 * 1024 * 1024)  # 8 MB that is not a video: a probe reads it to its cap, parses nothing
 
@@ -36,12 +35,8 @@ class FileServer:
 @pytest.fixture
 async def files() -> AsyncIterator[tuple[FileServer, str]]:
     state = FileServer()
-    app = web.Application()
-    app.router.add_get("/big.mp4", state.big)
-    server = TestServer(app, host="127.0.0.1", port=free_port())
-    await server.start_server()
-    yield state, str(server.make_url("/big.mp4"))
-    await server.close()
+    async with loopback_server(("GET", "/big.mp4", state.big)) as server:
+        yield state, str(server.make_url("/big.mp4"))
 
 
 async def test_dry_runs_are_rate_limited_before_any_fetch_and_probes_are_bounded(

@@ -7,10 +7,9 @@ import json
 import time
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.simulator import Simulator
-from tests.conftest import TEXT_PATH, Gateway, Receiver, auth, free_port, policies_with, until, wait_for_status
+from tests.conftest import TEXT_PATH, Gateway, Receiver, auth, loopback_server, policies_with, until, wait_for_status
 
 SLOW_RECEIVERS = """
 delivery: poll_seconds = 0.05
@@ -30,11 +29,7 @@ async def test_a_hanging_receiver_of_one_team_does_not_delay_another_teams_webho
         await release.wait()  # a receiver that never answers within the delivery timeout
         return web.Response()
 
-    app = web.Application()
-    app.router.add_post("/hook", hang)
-    slow = TestServer(app, host="127.0.0.1", port=free_port())
-    await slow.start_server()
-    try:
+    async with loopback_server(("POST", "/hook", hang)) as slow:
         body = {"prompt": "the same scene, again and again"}
         _, first, _ = await gateway.submit(TEXT_PATH, body)
         await wait_for_status(gateway, first["request_id"], {"COMPLETED"})
@@ -52,9 +47,7 @@ async def test_a_hanging_receiver_of_one_team_does_not_delay_another_teams_webho
             assert json.loads(receiver.calls[0][1])["request_id"] == fresh["request_id"]
         assert delay < 1.0, f"team research's webhook waited {delay:.2f} s behind team design's receiver"
         assert len(hung) == 2  # still hung: no more than per_host of the flood were ever attempted
-    finally:
         release.set()
-        await slow.close()
 
 
 async def test_joining_a_processing_job_in_sync_mode_hears_processing_first(start_gateway, simulator: Simulator,
