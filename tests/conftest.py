@@ -321,11 +321,13 @@ async def until(check: Callable[[], Any], timeout: float = 5.0) -> None:
 
 async def wait_for_status(gateway: Gateway, handle: str, wanted: set[str], headers: dict[str, str] | None = None,
                           timeout: float = 5.0) -> dict[str, Any]:
+    """Poll ``handle`` until its status is one of ``wanted``; fail the test if it is not within ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         code, body = await gateway.status(handle, headers)
         assert code == 200, body
-        if body["status"] in wanted or time.monotonic() > deadline:
+        if body["status"] in wanted:
             return body
+        assert time.monotonic() < deadline, f"{handle} stayed {body['status']}, never {sorted(wanted)}"
         await asyncio.sleep(0.02)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
+from decimal import Decimal
 
 import pytest
 
@@ -221,9 +223,19 @@ async def test_a_limit_change_takes_effect_on_the_next_request(gateway: Gateway)
 
 
 async def test_money_is_never_float(gateway: Gateway) -> None:
-    tasks = [gateway.submit(TEXT_PATH, {"prompt": f"p{i}", "duration": 3 + i % 8}) for i in range(30)]
-    await asyncio.gather(*tasks)
-    ledger = gateway.ledger_rows("reserved_delta", "spent_delta")
+    """Stored money is SQLite integers (a float with a fraction would be stored as 'real'), answered as exact decimals."""
+    answers = await asyncio.gather(*(gateway.submit(TEXT_PATH, {"prompt": f"p{i}", "duration": 3 + i % 8,
+                                                                 "resolution": ("480p", "720p")[i % 2]})
+                                     for i in range(30)))
+    with sqlite3.connect(gateway.services.config.db_path) as db:
+        stored_types = {row[0] for row in db.execute(
+            "SELECT typeof(reserved_delta) FROM ledger UNION SELECT typeof(spent_delta) FROM ledger "
+            "UNION SELECT typeof(credit_delta) FROM ledger UNION SELECT typeof(amount_micros) FROM reservations "
+            "UNION SELECT typeof(reserved_micros) FROM budget_totals UNION SELECT typeof(spent_micros) FROM budget_totals")}
+    estimates = [headers["X-Proxy-Estimate-USD"] for _, _, headers in answers]
+    expected = [(3 + i % 8) * (50_000, 70_000)[i % 2] for i in range(30)]
 
-    assert all(isinstance(value, int) for row in ledger for value in row)
-    assert sum(row[0] for row in ledger) == sum(70_000 * (3 + i % 8) for i in range(30))
+    assert stored_types == {"integer"}
+    assert all(re.fullmatch(r"[0-9]+\.[0-9]{2,6}", text) for text in estimates)
+    assert [int(Decimal(text) * 1_000_000) for text in estimates] == expected
+    assert sum(row[0] for row in gateway.ledger_rows("reserved_delta")) == sum(expected)

@@ -8,6 +8,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from proxy.budget import period_key
 from proxy.simulator import Simulator
 from proxy.sim_media import build_mp4
 from tests.conftest import EDIT_PATH, IMAGE_PATH, REFERENCE_PATH, TEXT_PATH, Gateway, auth, free_port, policies_with
@@ -113,10 +114,11 @@ async def test_a_dry_run_reserves_nothing_and_says_what_is_left(start_gateway, s
 
     assert answer == {
         "dry_run": True, "model_id": "grok-imagine-video-text-to-video", "estimate_usd": "0.70", "seconds": 10,
-        "resolution": "720p", "basis": "params", "team": "design", "period": answer["period"],
+        "resolution": "720p", "basis": "params", "team": "design",
+        "period": period_key("month", gateway.services.clock.now()),
         "budget_limit_usd": "1.00", "budget_spent_usd": "0.00", "budget_reserved_usd": "0.42",
         "budget_remaining_usd": "0.58", "admitted": False,
-        "reason": f"Team 'design' has $0.58 left of its $1.00 month budget ({answer['period']}); "
+        "reason": f"Team 'design' has $0.58 left of its $1.00 month budget ({period_key('month', gateway.services.clock.now())}); "
                   "this request is estimated at $0.70",
     }
     assert len(simulator.calls_of("submit")) == 1

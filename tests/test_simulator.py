@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.simulator import Simulator
-from tests.conftest import EDIT_PATH, TEXT_PATH, UPSTREAM_KEY, free_port
+from tests.conftest import EDIT_PATH, TEXT_PATH, UPSTREAM_KEY, free_port, until
 
 KEY = {"Ocp-Apim-Subscription-Key": UPSTREAM_KEY}
 
@@ -102,7 +102,8 @@ async def test_terminal_webhook_fires_exactly_once(simulator: Simulator) -> None
     server = await start_receiver(receiver)
     try:
         _, body = await submit(simulator, {"prompt": "p"}, {"X-Webhook-URL": str(server.make_url("/hook"))})
-        await asyncio.sleep(0.8)
+        # the simulator's delivery task ends right after the terminal POST succeeds: nothing can follow it
+        await until(lambda: any(d["ok"] and d["status"] == "COMPLETED" for d in simulator.webhook_deliveries))
     finally:
         await server.close()
 
@@ -118,7 +119,7 @@ async def test_sync_webhook_fires_on_each_change_and_retries_failures(simulator:
     try:
         _, body = await submit(simulator, {"prompt": "p"},
                                {"X-Webhook-URL": str(server.make_url("/hook")), "X-Webhook-Mode": "sync"})
-        await asyncio.sleep(1.2)
+        await until(lambda: any(d["ok"] and d["status"] == "ERROR" for d in simulator.webhook_deliveries))
     finally:
         await server.close()
 

@@ -1,0 +1,36 @@
+"""The ledger check that so many tests assert empty: it must report a total that drifted from its ledger."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from tests.conftest import Gateway, ledger_mismatches, until
+
+
+@pytest.mark.parametrize(("column", "scope"), [
+    ("spent_micros", "team:design"), ("reserved_micros", "team:design"), ("credit_micros", "team:design"),
+    ("spent_micros", "user:design/alice"), ("spent_micros", "global"), ("reserved_micros", "global"),
+])
+async def test_a_tampered_total_is_reported(gateway: Gateway, column: str, scope: str) -> None:
+    assert (await gateway.submit())[0] == 202
+    await until(lambda: [k for (k,) in gateway.ledger_rows("kind")] == ["reserve", "settle"])
+    db = gateway.services.config.db_path
+    assert await ledger_mismatches(db) == []
+
+    with sqlite3.connect(db) as connection:
+        connection.execute(f"UPDATE budget_totals SET {column} = {column} + 1 WHERE scope = ?", (scope,))
+    found = await ledger_mismatches(db)
+
+    assert len(found) >= 1 and all(line.startswith(scope) for line in found), found
+
+
+async def test_an_open_reservation_without_its_total_is_reported(gateway: Gateway, simulator) -> None:
+    simulator.queue_outcomes("STUCK")
+    assert (await gateway.submit())[0] == 202
+    db = gateway.services.config.db_path
+    with sqlite3.connect(db) as connection:  # the total forgets the job, the reservation and ledger do not
+        connection.execute("UPDATE budget_totals SET reserved_micros = 0 WHERE scope = 'team:design'")
+
+    assert any(line.startswith("team:design") for line in await ledger_mismatches(db))
