@@ -17,6 +17,7 @@ Hierarchy::
     ├── PayloadTooLarge        413, body over the configured limit
     ├── UnprocessableContent   422, an Idempotency-Key reused with another body
     ├── TooManyRequests        429, a team's rate or concurrency limit (Retry-After set)
+    ├── StoreUnavailable       503, the store cannot take writes now (busy past its wait, or broken)
     ├── UpstreamRefused        the upstream's own 4xx/5xx, passed on with its status
     ├── UpstreamUnavailable    502, upstream unreachable or answered garbage
     └── UpstreamTimeout        504, upstream did not answer in time
@@ -91,6 +92,16 @@ class BudgetExceeded(ProxyError):
 class TooManyRequests(ProxyError):
     status = 429
     title = "Too Many Requests"
+
+
+class StoreUnavailable(ProxyError):
+    """The store cannot record anything now; nothing was reserved or sent. Retry later."""
+
+    status = 503
+    title = "Service Unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 2) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
 class NotFound(ProxyError):

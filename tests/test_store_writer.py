@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from proxy.store.sqlite import SQLiteStore
+from proxy.errors import StoreUnavailable
 from proxy.store.writer import MAX_BATCH, GroupCommitWriter
 
 
@@ -144,3 +145,66 @@ async def test_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(tmp_path:
             assert other.execute("SELECT soft_threshold_percent FROM teams").fetchone()[0] == 1 + (3 * 300 + 299) % 99
     finally:
         await store.close()
+
+
+def release_the_writers_savepoint(db: sqlite3.Connection) -> None:
+    db.execute("INSERT INTO t (n) VALUES (99)")
+    db.execute("RELEASE w")  # the writer's own RELEASE then fails: the statement that used to end its thread
+
+
+async def test_a_write_that_breaks_the_transaction_is_answered_and_the_writer_carries_on(
+        writer: GroupCommitWriter, tmp_path: Path) -> None:
+    blocked, release = await hold_writer(writer)  # so the next three queue up as one batch
+    futures = [writer.submit(insert(1)), writer.submit(release_the_writers_savepoint), writer.submit(insert(2))]
+    release.set()
+    await blocked
+    results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)  # never left waiting
+
+    assert all(isinstance(result, sqlite3.Error) for result in results)  # one transaction: none of it kept
+    assert rows(tmp_path / "w.db") == [0]
+    assert await writer.submit(insert(3)) == 3
+    assert writer.healthy and rows(tmp_path / "w.db") == [0, 3]
+
+
+async def test_a_writer_that_cannot_reopen_its_database_fails_every_write_at_once(tmp_path: Path) -> None:
+    directory = tmp_path / "volume"
+    directory.mkdir()
+    writer = GroupCommitWriter(connector(directory / "w.db"))
+    await writer.start()
+    try:
+        def lose_the_volume(db: sqlite3.Connection) -> None:
+            db.close()
+            for path in directory.iterdir():
+                path.unlink()
+            directory.rmdir()
+
+        with pytest.raises(sqlite3.ProgrammingError):
+            await asyncio.wait_for(writer.submit(lose_the_volume), 10)
+        with pytest.raises(StoreUnavailable) as refused:
+            await asyncio.wait_for(writer.submit(insert(1)), 5)
+
+        assert not writer.healthy
+        assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "30"
+    finally:
+        await writer.stop()
+
+
+async def test_a_write_lock_held_elsewhere_is_waited_for_then_refused_with_503(writer: GroupCommitWriter,
+                                                                              tmp_path: Path) -> None:
+    other = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    other.execute("PRAGMA busy_timeout = 0")
+    other.execute("BEGIN IMMEDIATE")  # a CLI command in the middle of its write
+    try:
+        held = writer.submit(insert(1))
+        released = asyncio.get_running_loop().call_later(0.3, other.execute, "COMMIT")
+        assert await held == 1  # waited for the lock, within busy_timeout
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable) as refused:
+            await writer.submit(insert(2))  # held past busy_timeout: 503, not a 500
+        assert refused.value.headers["Retry-After"] == "2" and writer.healthy
+        released.cancel()
+    finally:
+        if other.in_transaction:
+            other.execute("ROLLBACK")
+        other.close()
+    assert await writer.submit(insert(3)) == 3

@@ -202,6 +202,9 @@ class SQLiteStore:
             logger.info("store migrated to schema version %d", number)
 
     async def ping(self) -> bool:
+        """True while reads are answered and the writer can write (a failed writer makes ``/readyz`` 503)."""
+        if self._writer is None or not self._writer.healthy:
+            return False
         try:
             return await self._read_one("SELECT 1", ()) == (1,)
         except (sqlite3.Error, RuntimeError):

@@ -17,6 +17,15 @@ and one thread hand-off each way, and each still commits all or nothing, in
 the order it was queued. A caller learns of success only once its changes are
 durable. If SQLite abandons the whole transaction (disk full, I/O error), every
 function of that batch is answered with the error: none of them was kept.
+
+The thread never dies with callers waiting. Whatever fails while running a
+batch (a SAVEPOINT, a RELEASE, a ROLLBACK, the connection itself), every caller
+of that batch is answered with an error, the transaction is rolled back, and
+the connection is reopened if it is broken; if it cannot be reopened the writer
+is *failed*: it answers every later write with :class:`StoreUnavailable` at
+once and :attr:`healthy` is False (``/readyz`` answers 503). When another
+process (the CLI) holds the write lock past ``busy_timeout``, the batch is
+answered with :class:`StoreUnavailable` (503, ``Retry-After``), not a 500.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from ..errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,6 +60,12 @@ class GroupCommitWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opened: asyncio.Future[None] | None = None
         self.commits = 0  # batches committed (tests read it)
+        self.failure: BaseException | None = None  # why the writer cannot write any more, once it cannot
+
+    @property
+    def healthy(self) -> bool:
+        """The thread runs and its connection works."""
+        return self._thread.is_alive() and self.failure is None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -78,6 +95,7 @@ class GroupCommitWriter:
 
     def _run(self) -> None:
         assert self._loop is not None and self._opened is not None
+        db: sqlite3.Connection | None
         try:
             db = self._connect()
         except BaseException as error:  # noqa: BLE001 - handed to start()'s caller
@@ -99,27 +117,71 @@ class GroupCommitWriter:
                     stopping = True
                     break
                 batch.append(more)
+            if self.failure is not None:
+                self._loop.call_soon_threadsafe(_settle, [(future, None, _unavailable(self.failure))
+                                                          for _, future, _ in batch])
+                continue
             outcomes: list[_Outcome] = []
-            pending: list[_Work] = []
-            for work in batch:
-                fn, future, transaction = work
-                if transaction:
-                    pending.append(work)
-                else:  # commit what came before it, then run it alone
-                    outcomes.extend(self._commit(db, pending))
-                    pending = []
-                    outcomes.append(_call(fn, db, future))
-            outcomes.extend(self._commit(db, pending))
+            try:
+                assert db is not None
+                self._run_batch(db, batch, outcomes)
+            except BaseException as error:  # noqa: BLE001 - every caller hears of it, then the writer recovers
+                logger.error("the store writer failed while running %d writes: %s", len(batch), error)
+                answered = {id(future) for future, _, _ in outcomes}  # committed before the failure: they stand
+                outcomes += [(future, None, error) for _, future, _ in batch if id(future) not in answered]
+                db = self._recover(db)
             self._loop.call_soon_threadsafe(_settle, outcomes)
-        db.close()
+        if db is not None:
+            db.close()
+
+    def _run_batch(self, db: sqlite3.Connection, batch: list[_Work], outcomes: list[_Outcome]) -> None:
+        """Run ``batch``, adding each caller's outcome to ``outcomes`` once it is final (committed or refused)."""
+        pending: list[_Work] = []
+        for work in batch:
+            fn, future, transaction = work
+            if transaction:
+                pending.append(work)
+            else:  # commit what came before it, then run it alone
+                outcomes.extend(self._commit(db, pending))
+                pending = []
+                outcomes.append(_call(fn, db, future))
+        outcomes.extend(self._commit(db, pending))
+
+    def _recover(self, db: sqlite3.Connection | None) -> sqlite3.Connection | None:
+        """After a failed batch: roll back and keep the connection, or reopen it; failed if neither works."""
+        try:
+            assert db is not None
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            db.execute("SELECT 1").fetchone()
+            return db
+        except BaseException as error:  # noqa: BLE001 - a broken connection: reopen it below
+            logger.warning("the store writer's connection is broken (%s); reopening it", error)
+        try:
+            if db is not None:
+                db.close()
+        except sqlite3.Error:
+            pass
+        try:
+            return self._connect()
+        except BaseException as error:  # noqa: BLE001 - recorded; every later write hears of it
+            logger.critical("the store writer cannot reopen the database, no write can succeed: %s", error)
+            self.failure = error
+            return None
 
     def _commit(self, db: sqlite3.Connection, batch: list[_Work]) -> list[_Outcome]:
         if not batch:
             return []
         try:
             db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as error:
-            return [(future, None, error) for _, future, _ in batch]
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            logger.warning("the store is busy: another process has held its write lock past the wait; %d writes "
+                           "refused with 503", len(batch), extra={"event": "store.busy"})
+            busy = StoreUnavailable("The gateway's store is busy (another process holds its write lock); "
+                                    "nothing was recorded or reserved. Retry shortly.")
+            return [(future, None, busy) for _, future, _ in batch]
         outcomes: list[_Outcome] = []
         for fn, future, _ in batch:
             db.execute("SAVEPOINT w")
@@ -146,6 +208,11 @@ class GroupCommitWriter:
             return [(future, None, error) for future, _, _ in outcomes]
         self.commits += 1
         return outcomes
+
+
+def _unavailable(cause: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"The gateway's store cannot take writes ({type(cause).__name__}); nothing was recorded "
+                            "or reserved. Retry later.", retry_after=30)
 
 
 def _call(fn: Callable[[sqlite3.Connection], Any], db: sqlite3.Connection, future: asyncio.Future[Any]) -> _Outcome:
