@@ -12,7 +12,9 @@ import pytest
 
 from proxy.store.sqlite import SQLiteStore
 from proxy.errors import StoreUnavailable
+from proxy.store.checkpoint import WAL_SIZE_LIMIT
 from proxy.store.writer import MAX_BATCH, GroupCommitWriter
+from tests.conftest import until
 
 
 def connector(path: Path):
@@ -208,3 +210,25 @@ async def test_a_write_lock_held_elsewhere_is_waited_for_then_refused_with_503(w
             other.execute("ROLLBACK")
         other.close()
     assert await writer.submit(insert(3)) == 3
+
+
+async def test_a_wal_grown_behind_a_long_read_is_given_back_once_the_store_is_idle(tmp_path: Path) -> None:
+    path = tmp_path / "grow.db"
+    store = SQLiteStore(path, checkpoint_seconds=0.05)
+    await store.open()
+    try:
+        assert await store._write(lambda db: db.execute("PRAGMA journal_size_limit").fetchone()[0]) == WAL_SIZE_LIMIT
+        await store.create_team("design", 1_000_000, "month")
+        report = sqlite3.connect(path)  # a long spend report: its snapshot keeps checkpoints from catching up
+        report.execute("BEGIN")
+        report.execute("SELECT COUNT(*) FROM teams").fetchone()
+        await asyncio.gather(*(store.update_team("design", soft_threshold_percent=1 + n % 99) for n in range(600)))
+        grown = (tmp_path / "grow.db-wal").stat().st_size
+        report.execute("COMMIT")
+        report.close()
+
+        await until(lambda: (tmp_path / "grow.db-wal").stat().st_size == 0, timeout=10)  # idle: TRUNCATE
+
+        assert grown > 100_000 and store._checkpointer.truncations >= 1
+    finally:
+        await store.close()

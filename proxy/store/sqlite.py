@@ -42,7 +42,7 @@ from . import (
     PERIODS, TEAM_SETTINGS, TERMINAL_STATUSES, BudgetView, Decision, HandleView, JobUpdate, LedgerEntry, Receipt,
     Reservation, Saving, Submission, Team, TeamExists, UnknownTeam, accounts, outbox, team_name_problem,
 )
-from .checkpoint import Checkpointer
+from .checkpoint import WAL_SIZE_LIMIT, Checkpointer
 from .migrations import MIGRATIONS
 from .writer import GroupCommitWriter
 
@@ -99,6 +99,7 @@ class SQLiteStore:
         connection.execute("PRAGMA synchronous = FULL")
         connection.execute("PRAGMA foreign_keys = ON")
         connection.execute("PRAGMA busy_timeout = 5000")
+        connection.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         return connection
 
     def _connect_writer(self) -> Db:
