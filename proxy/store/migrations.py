@@ -143,4 +143,10 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX outbox_handle_order ON outbox (handle, state, id);
     """,
+    # 5: no scans on hot paths. A cache hit looks up its job's settlement in the ledger; the tracker lists the
+    # jobs running upstream, least recently checked first (the index's WHERE matches the query's exactly).
+    """
+    CREATE INDEX ledger_job ON ledger (job_id) WHERE job_id IS NOT NULL;
+    CREATE INDEX jobs_running ON jobs (checked_at) WHERE status IN ('QUEUED', 'PROCESSING') AND upstream_id IS NOT NULL;
+    """,
 ]

@@ -70,6 +70,8 @@ _RESERVATION_SELECT = """
 #: The handles of one job that asked for webhooks: (url, mode, then the _HANDLE_SELECT columns).
 _WEBHOOK_HANDLES = (_HANDLE_SELECT.replace("SELECT h.id,", "SELECT h.webhook_url, h.webhook_mode, h.id,")
                     + " AND h.job_id = ? AND h.webhook_url IS NOT NULL")
+#: Expired idempotency keys deleted per write transaction.
+PURGE_BATCH = 1000
 #: How long a team row read for a request is reused; changes made by another process (the CLI) show within this.
 TEAM_ROW_SECONDS = 1.0
 _TERMINAL = "(" + ", ".join(f"'{status}'" for status in TERMINAL_STATUSES) + ")"
@@ -311,8 +313,15 @@ class SQLiteStore:
         return (row[0], row[1], row[2]) if row else None
 
     async def purge_idempotency(self, now: str) -> int:
-        return await self._write(
-            lambda db: db.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,)).rowcount)
+        """Forget expired keys, :data:`PURGE_BATCH` per write, so the write lock is never held for long."""
+        purged = 0
+        while True:
+            batch = await self._write(lambda db: db.execute(
+                "DELETE FROM idempotency_keys WHERE rowid IN (SELECT rowid FROM idempotency_keys "
+                "WHERE expires_at <= ? LIMIT ?)", (now, PURGE_BATCH)).rowcount)
+            purged += batch
+            if batch < PURGE_BATCH:
+                return purged
 
     async def find_reusable(self, fingerprint: str, completed_after: str) -> tuple[int, str] | None:
         row = await self._read_point(
