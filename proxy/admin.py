@@ -19,12 +19,19 @@ from .budget import global_key_for, period_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .money import micros_to_usd, usd_to_micros
 from .observe import TEAM
-from .views import status_body
 from .services import SERVICES, Services
 from .store import (
-    PERIODS, TEAM_NAME_RULE, EntryRefused, LedgerEntry, Team, TeamExists, UnknownTeam, team_name_problem,
+    PERIODS,
+    TEAM_NAME_RULE,
+    EntryRefused,
+    LedgerEntry,
+    Team,
+    TeamExists,
+    UnknownTeam,
+    team_name_problem,
 )
 from .validate import check_content_type, parse_json
+from .views import status_body
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +182,7 @@ async def create_team(request: web.Request) -> web.StreamResponse:
     services, _ = await _admin(request)
     body = await _body(request, services)
     name = body.get("name")
-    if team_name_problem(name) is not None:
+    if not isinstance(name, str) or team_name_problem(name) is not None:
         raise BadRequest(f"'name' must be {TEAM_NAME_RULE}")
     if "budget_usd" not in body:
         raise BadRequest("'budget_usd' is required")

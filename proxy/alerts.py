@@ -85,7 +85,7 @@ class Alerts:
                     if 200 <= response.status < 300:
                         return
                     problem = f"HTTP {response.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 problem = type(exc).__name__
             logger.warning("operator alert webhook attempt %d failed: %s", attempt + 1, problem)
             await asyncio.sleep(0.5 * 2**attempt)

@@ -25,9 +25,9 @@ from .catalog import Catalog, load_catalog
 from .clock import Clock
 from .config import Config, Secret
 from .errors import error_middleware
+from .forward import Forward, Record
 from .idempotency import Idempotency
 from .media import MediaStore
-from .forward import Forward, Record
 from .metrics import Metrics, metrics_handler
 from .observe import observe_middleware
 from .openapi import build_openapi

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .config import SYMMETRIC_ALGORITHMS, Config, ConfigError

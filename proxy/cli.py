@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .clock import Clock
 from .config import Config, ConfigError, load_config
 from .logs import configure_logging
 from .money import micros_to_usd, usd_to_micros
 from .policyfile import PolicyError
-from .clock import Clock
 from .store import PERIODS, TeamExists, UnknownTeam, team_name_problem
 from .store.sqlite import SQLiteStore
 from .tabular import write_csv
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print JSON")
     show.add_argument("--db", help="SQLite database path (PROXY_DB)")
     show.set_defaults(run=_teams_show)
-    for command, required in ((create, False), (update, False)):
+    for command in (create, update):
         if command is update:
             command.add_argument("--budget", help="budget limit in USD")
             command.add_argument("--period", choices=PERIODS)

@@ -119,7 +119,7 @@ class JwksKeys:
         self.fetches += 1
         try:
             keys = await self._download()
-        except Exception as exc:  # every way a fetch can fail is one warning line, then the cooldown
+        except Exception as exc:  # noqa: BLE001 - every way a fetch can fail is one warning line, then the cooldown
             logger.warning("JWKS %s could not be used: %s", self.url, _describe(exc), extra={"event": "jwks.failed"})
             return
         removed = set(self._keys) - set(keys)

@@ -62,7 +62,7 @@ def configure_logging(level: str, fmt: str) -> None:
     # Neither formatter writes a record's thread, process or source line, so do not look them up for every
     # record (the logging module's documented optimisations).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -98,7 +98,7 @@ class MediaStore:
             name = f"{digest.hexdigest()}.{extension}"
             await asyncio.to_thread(self._place, temporary, name)
             return name
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             logger.warning("keeping media failed: %s", type(exc).__name__)
             return None
         finally:

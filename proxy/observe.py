@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .metrics import Metrics, upstream_seconds
 
@@ -26,7 +27,7 @@ CACHE = web.RequestKey("cache", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def observe_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def observe_middleware(metrics: Metrics) -> Middleware:
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()

@@ -12,7 +12,8 @@ from typing import Any
 from . import __version__
 from .admin import MAX_PAGE, PERIOD_KEY
 from .catalog import Catalog, FieldSpec, ModelSpec
-from .store import PERIODS, TEAM_NAME as TEAM_NAME_RE
+from .store import PERIODS
+from .store import TEAM_NAME as TEAM_NAME_RE
 from .upstream import UPSTREAM_STATUSES
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -146,7 +147,7 @@ def build_openapi(catalog: Catalog, *, media: bool = False) -> dict[str, Any]:
         "parameters": [{"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}],
         "responses": {"200": _json({"$ref": "#/components/schemas/Status"}, "The status"), **_errors(401, 403, 404)},
     }}
-    public = {"security": []}
+    public: dict[str, Any] = {"security": []}
     paths["/healthz"] = {"get": {"operationId": "healthz", "tags": ["operations"], **public,
                                  "responses": {"200": _json({"type": "object"}, "Up")}}}
     paths["/readyz"] = {"get": {"operationId": "readyz", "tags": ["operations"], **public, "responses": {

@@ -56,7 +56,7 @@ def _read(file: BinaryIO, size: int) -> MediaInfo | None:
             return None
         with parser:
             metadata = extractMetadata(parser)
-    except Exception as exc:  # hachoir raises many kinds on odd input; all mean "unreadable"
+    except Exception as exc:  # noqa: BLE001 - hachoir raises many kinds on odd input; all mean "unreadable"
         logger.debug("media probe could not parse %d bytes: %s", size, type(exc).__name__)
         return None
     if metadata is None or not metadata.has("duration"):
@@ -101,7 +101,7 @@ class MediaProber:
         async with self.slots:
             try:
                 return await self._probe(url)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 logger.info("media probe failed: %s", type(exc).__name__)
                 return None
 

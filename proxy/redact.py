@@ -37,7 +37,8 @@ class Redactor:
                     covered_to = start + run
         if not spans:
             return text
-        parts, position = [], 0
+        parts: list[str] = []
+        position = 0
         for start, end in spans:
             parts.extend((text[position:start], REDACTED))
             position = end

@@ -18,9 +18,9 @@ from .refresh import StatusRefresher
 from .store import Store
 from .sweeper import Sweeper
 from .tracker import Tracker
-from .webhooks import WebhookSender
 from .upstream import Upstream
 from .views import TerminalAnswers
+from .webhooks import WebhookSender
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ own and any player or media library reads them back.
 from __future__ import annotations
 
 import struct
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 
 TIMESCALE = 1000
@@ -28,7 +28,7 @@ def _full_box(kind: bytes, version: int, flags: int, *payload: bytes) -> bytes:
     return _box(kind, struct.pack(">I", (version << 24) | flags), *payload)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _frame(resolution: str) -> tuple[bytes, bytes]:
     assets = resources.files("proxy") / "assets"
     return (

@@ -260,9 +260,11 @@ class Simulator:
                 request.transport.abort()
             raise asyncio.CancelledError
         if fault.kind == "malformed":
-            return web.Response(status=200 if op == "status" else 202, text="<html>upstream hiccup", content_type="application/json")
+            return web.Response(status=200 if op == "status" else 202, text="<html>upstream hiccup",
+                                content_type="application/json")
         if fault.kind == "truncated":
-            return web.Response(status=200 if op == "status" else 202, text='{"request_id": "grok-imag', content_type="application/json")
+            return web.Response(status=200 if op == "status" else 202, text='{"request_id": "grok-imag',
+                                content_type="application/json")
         headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
         title, message = DOCUMENTED_ERRORS.get(fault.status, (_reason(fault.status), "Simulated upstream fault"))
         return _error(fault.status, title, message, headers)
@@ -380,7 +382,7 @@ class Simulator:
             try:
                 async with self._session.post(job.webhook_url, json=payload) as response:
                     ok = 200 <= response.status < 300
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 ok = False
             self.webhook_deliveries.append({"request_id": job.id, "status": payload["status"], "ok": ok})
             if ok:

@@ -13,7 +13,6 @@ gateway cannot read, may hide a job the upstream accepted.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -112,7 +111,7 @@ class Upstream:
             logger.warning("upstream %s: no connection within %gs", operation, self._timeout.connect or 0,
                            extra={"event": "upstream.unreachable", "path": path})
             raise UpstreamTimeout("The upstream could not be reached in time") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             observe_upstream(self.metrics, operation, started, status, "timeout")
             logger.warning("upstream %s timed out", operation, extra={"event": "upstream.timeout", "path": path})
             raise UpstreamTimeout(

@@ -60,10 +60,11 @@ def check_value(spec: FieldSpec, value: Any) -> str | None:
     if spec.kind == "integer":
         if not _is_int(value):
             return "must be an integer"
+        between = f"must be between {spec.minimum} and {spec.maximum}"
         if spec.minimum is not None and value < spec.minimum:
-            return f"must be between {spec.minimum} and {spec.maximum}" if spec.maximum is not None else f"must be at least {spec.minimum}"
+            return between if spec.maximum is not None else f"must be at least {spec.minimum}"
         if spec.maximum is not None and value > spec.maximum:
-            return f"must be between {spec.minimum} and {spec.maximum}" if spec.minimum is not None else f"must be at most {spec.maximum}"
+            return between if spec.minimum is not None else f"must be at most {spec.maximum}"
         return None
     if spec.kind == "enum":
         if not isinstance(value, str) or value not in spec.values:

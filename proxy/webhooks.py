@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -113,9 +114,9 @@ async def check_target(url: str, *, allow_private: bool) -> None:
         answers = await asyncio.wait_for(
             loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_SECONDS
         )
-    except (OSError, UnicodeError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, UnicodeError):
         raise BadRequest(f"{URL_HEADER} host {host} cannot be resolved") from None
-    if not answers or any(not is_public_address(answer[4][0]) for answer in answers):
+    if not answers or any(not is_public_address(str(answer[4][0])) for answer in answers):
         raise BadRequest(f"{URL_HEADER} must point at a public address; {host} resolves to a private one")
 
 
@@ -213,11 +214,11 @@ class WebhookSender:
             self._load.update((team, host))
             task = asyncio.create_task(self._deliver(delivery), name=f"webhook-{delivery.id}")
             self._running[delivery.id] = task
-            task.add_done_callback(lambda _, d=delivery.id, keys=(team, host): self._done(d, keys))
+            task.add_done_callback(functools.partial(self._done, delivery.id, (team, host)))
             started += 1
         return started
 
-    def _done(self, delivery_id: int, keys: tuple[str, str]) -> None:
+    def _done(self, delivery_id: int, keys: tuple[str, str], task: asyncio.Task[None]) -> None:
         self._running.pop(delivery_id, None)
         self._load.subtract(keys)
         self._finished.set()
@@ -274,6 +275,6 @@ class WebhookSender:
                 return False, f"HTTP {response.status}", float(wait) if wait is not None and wait.isdigit() else None
         except BlockedAddress as exc:
             return False, f"blocked: {exc}", None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return False, f"{type(exc).__name__}: {exc}"[:300], None
 

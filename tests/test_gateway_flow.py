@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 from hachoir.metadata import extractMetadata
 from hachoir.parser import guessParser
 from hachoir.stream import InputIOStream
-import io
 
 from proxy.simulator import Simulator
 from tests.conftest import (
-    EDIT_PATH, IMAGE_PATH, REFERENCE_PATH, TEXT_PATH, UPSTREAM_KEY, Gateway, auth, make_token, wait_for_status,
+    EDIT_PATH,
+    IMAGE_PATH,
+    REFERENCE_PATH,
+    TEXT_PATH,
+    UPSTREAM_KEY,
+    Gateway,
+    auth,
+    make_token,
+    wait_for_status,
 )
 
 HANDLE = re.compile(r"^grok-imagine-video-text-to-video_[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

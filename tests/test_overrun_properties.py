@@ -29,8 +29,17 @@ from proxy.config import load_config
 from proxy.sim_media import build_mp4
 from proxy.simulator import Simulator, SimulatorSettings
 from tests.conftest import (
-    EDIT_PATH, JWT_SECRET, POLICIES, TEXT_PATH, UPSTREAM_KEY, auth, create_teams, free_port, ledger_mismatches,
-    loopback_server, policies_with,
+    EDIT_PATH,
+    JWT_SECRET,
+    POLICIES,
+    TEXT_PATH,
+    UPSTREAM_KEY,
+    auth,
+    create_teams,
+    free_port,
+    ledger_mismatches,
+    loopback_server,
+    policies_with,
 )
 
 LIMITS = {"a": 1_500_000, "b": 600_000}

@@ -6,6 +6,7 @@ import logging
 from datetime import UTC, datetime
 
 import pytest
+
 from proxy.budget import period_key
 from proxy.simulator import Simulator
 from tests.conftest import ManualClock, Receiver, auth, wait_for_status

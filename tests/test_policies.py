@@ -135,7 +135,7 @@ def test_budget_policy_mistakes_name_file_and_key(tmp_path: Path, old: str, new:
 @pytest.mark.parametrize(("file", "old", "new", "where"), [
     ("cache.toml", 'scope = "team"', 'scope = "world"', 'dedup.scope: must be one of "team", "global"'),
     ("cache.toml", "keep_copies = false", "keep_copy = false", "media.keep_copy: unknown key"),
-    ("webhooks.toml", "retry_schedule_seconds = [5,", 'retry_schedule_seconds = ["5",', 
+    ("webhooks.toml", "retry_schedule_seconds = [5,", 'retry_schedule_seconds = ["5",',
      "delivery.retry_schedule_seconds: must be a list of waits in seconds, each at least 0"),
     ("webhooks.toml", "concurrency = 8", "concurrency = 0", "delivery.concurrency: must be at least 1"),
 ])

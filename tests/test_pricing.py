@@ -9,8 +9,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.budget import period_key
-from proxy.simulator import Simulator
 from proxy.sim_media import build_mp4
+from proxy.simulator import Simulator
 from tests.conftest import EDIT_PATH, IMAGE_PATH, REFERENCE_PATH, TEXT_PATH, Gateway, auth, free_port, policies_with
 
 DRY = {"X-Proxy-Dry-Run": "1"}

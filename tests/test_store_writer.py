@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.store.sqlite import SQLiteStore
 from proxy.errors import StoreUnavailable
 from proxy.store.checkpoint import WAL_SIZE_LIMIT
+from proxy.store.sqlite import SQLiteStore
 from proxy.store.writer import MAX_BATCH, GroupCommitWriter
 from tests.conftest import until
 

@@ -13,7 +13,7 @@ import requests
 from proxy.simulator import Fault, Simulator
 from proxy.store.sqlite import SQLiteStore
 from proxy.sweeper import INDETERMINATE_CHARGED, INDETERMINATE_RELEASED, STALE_ERROR
-from tests.conftest import until, TEXT_PATH, auth, free_port, ledger_mismatches, policies_with
+from tests.conftest import TEXT_PATH, auth, free_port, ledger_mismatches, policies_with, until
 from tests.processes import GatewayProcess
 
 FAST_SWEEP = """

@@ -6,7 +6,7 @@ import asyncio
 import sqlite3
 
 from proxy.simulator import Fault, Simulator
-from tests.conftest import until, Gateway
+from tests.conftest import Gateway, until
 
 
 def job_states(gateway: Gateway) -> list[tuple[str, str | None]]:

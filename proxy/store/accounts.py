@@ -10,9 +10,8 @@ transaction.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import sqlite3
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BudgetExceeded, TooManyRequests
 from ..money import micros_to_usd

@@ -11,10 +11,9 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import sqlite3
 from dataclasses import dataclass
 from typing import Any
-
-import sqlite3
 
 from ..clock import uuid7
 

@@ -39,8 +39,24 @@ from ..clock import iso_utc
 from ..ttlcache import TtlCache
 from ..views import status_body
 from . import (
-    PERIODS, TEAM_SETTINGS, TERMINAL_STATUSES, BudgetView, Decision, HandleView, JobUpdate, LedgerEntry, Receipt,
-    Reservation, Saving, Submission, Team, TeamExists, UnknownTeam, accounts, outbox, team_name_problem,
+    PERIODS,
+    TEAM_SETTINGS,
+    TERMINAL_STATUSES,
+    BudgetView,
+    Decision,
+    HandleView,
+    JobUpdate,
+    LedgerEntry,
+    Receipt,
+    Reservation,
+    Saving,
+    Submission,
+    Team,
+    TeamExists,
+    UnknownTeam,
+    accounts,
+    outbox,
+    team_name_problem,
 )
 from .checkpoint import WAL_SIZE_LIMIT, Checkpointer
 from .migrations import MIGRATIONS
@@ -618,8 +634,10 @@ def _handle_view(row: Any) -> HandleView:
 
 
 def _reservation(row: Any) -> Reservation:
-    *head, params, job_status, upstream_id = row
-    return Reservation(*head, params=json.loads(params), job_status=job_status, upstream_id=upstream_id)
+    (job_id, handle, team, user, model, period_key, amount, seconds, resolution, basis, state, created_at, params,
+     job_status, upstream_id) = row
+    return Reservation(job_id, handle, team, user, model, period_key, amount, seconds, resolution, basis, state,
+                       created_at, json.loads(params), job_status, upstream_id)
 
 
 def _check_settings(settings: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ..errors import StoreUnavailable
@@ -222,7 +222,7 @@ def _call(fn: Callable[[sqlite3.Connection], Any], db: sqlite3.Connection, futur
         return (future, None, error)
 
 
-def _settle(outcomes: list[_Outcome]) -> None:
+def _settle(outcomes: Sequence[_Outcome]) -> None:
     """On the event loop: answer each caller (one wake-up for the whole batch)."""
     for future, result, error in outcomes:
         if future.cancelled():
