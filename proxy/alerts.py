@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,7 @@ from .store import SoftAlert
 logger = logging.getLogger(__name__)
 
 ATTEMPTS = 3
+RECENT_ALERTS = 1000
 
 
 class Alerts:
@@ -28,7 +30,7 @@ class Alerts:
         self.metrics = metrics
         self.webhook_url = webhook_url
         self.timeout = timeout
-        self.sent: list[dict[str, Any]] = []
+        self.sent: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)  # the latest, for tests and the console
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -114,10 +114,8 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     metrics.watch_store(store_figures)
     sender = WebhookSender(store, delivery_rules, metrics, allow_private=config.webhook_allow_private)
     services = Services(
-        config=config,
         catalog=catalog,
         store=store,
-        upstream=upstream,
         authenticator=authenticator,
         pipeline=pipeline,
         refresher=refresher,
@@ -125,9 +123,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         clock=clock,
         metrics=metrics,
         alerts=alerts,
-        sweeper=sweeper,
         tracker=tracker,
-        webhooks=sender,
         terminal_answers=TerminalAnswers(),
     )
 

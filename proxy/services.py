@@ -11,24 +11,20 @@ from .auth import Authenticator
 from .budget import BudgetRules
 from .catalog import Catalog
 from .clock import Clock
-from .config import Config
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .refresh import StatusRefresher
 from .store import Store
-from .sweeper import Sweeper
 from .tracker import Tracker
-from .upstream import Upstream
 from .views import TerminalAnswers
-from .webhooks import WebhookSender
 
 
 @dataclass(frozen=True)
 class Services:
-    config: Config
+    """What handlers reach (alerts and the tracker also by tests, which read what they did)."""
+
     catalog: Catalog
     store: Store
-    upstream: Upstream
     authenticator: Authenticator
     pipeline: Pipeline
     refresher: StatusRefresher
@@ -36,9 +32,7 @@ class Services:
     clock: Clock
     metrics: Metrics
     alerts: Alerts
-    sweeper: Sweeper
     tracker: Tracker
-    webhooks: WebhookSender
     terminal_answers: TerminalAnswers
 
 

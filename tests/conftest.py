@@ -225,10 +225,12 @@ _takes = itertools.count(1)  # default bodies differ, so separate submits are se
 class Gateway:
     """A running gateway: its URL, its services, and an HTTP client session."""
 
-    def __init__(self, server: TestServer, session: aiohttp.ClientSession) -> None:
+    def __init__(self, server: TestServer, session: aiohttp.ClientSession, config: Config) -> None:
         self.server = server
         self.http = session
         self.url = str(server.make_url("")).rstrip("/")
+        self.db_path = config.db_path
+        self.upstream_url = config.upstream_url
 
     @property
     def services(self) -> Services:
@@ -236,12 +238,12 @@ class Gateway:
 
     def ledger_rows(self, *columns: str) -> list[tuple[Any, ...]]:
         """The ledger, oldest first, read straight from the database file."""
-        with sqlite3.connect(self.services.config.db_path) as db:
+        with sqlite3.connect(self.db_path) as db:
             return db.execute(f"SELECT {', '.join(columns)} FROM ledger ORDER BY id").fetchall()
 
     def totals(self, scope: str = "team:design") -> list[tuple[str, int, int, int]]:
         """(period, spent, reserved, credit) of one scope, from the database file."""
-        with sqlite3.connect(self.services.config.db_path) as db:
+        with sqlite3.connect(self.db_path) as db:
             return db.execute(
                 "SELECT period_key, spent_micros, reserved_micros, credit_micros FROM budget_totals "
                 "WHERE scope = ? ORDER BY period_key", (scope,)).fetchall()
@@ -298,7 +300,7 @@ async def start_gateway(tmp_path: Path, simulator: Simulator) -> AsyncIterator[G
         await server.start_server()
         session = aiohttp.ClientSession(response_class=RecordingResponse)
         started.append((server, session))
-        return Gateway(server, session)
+        return Gateway(server, session, config)
 
     yield start
     for server, session in started:

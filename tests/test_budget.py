@@ -96,7 +96,7 @@ async def test_a_submit_whose_answer_was_lost_stays_reserved_as_indeterminate(st
     assert "may have reached the upstream, so its cost stays reserved" in body["message"]
     assert [row[:3] for row in gateway.ledger_rows(*LEDGER)] == [("reserve", 420_000, 0)]
     assert [row[1:] for row in gateway.totals()] == [(0, 420_000, 0)]
-    with sqlite3.connect(gateway.services.config.db_path) as db:
+    with sqlite3.connect(gateway.db_path) as db:
         assert db.execute("SELECT status FROM jobs").fetchall() == [("INDETERMINATE",)]
 
 
@@ -227,7 +227,7 @@ async def test_money_is_never_float(gateway: Gateway) -> None:
     answers = await asyncio.gather(*(gateway.submit(TEXT_PATH, {"prompt": f"p{i}", "duration": 3 + i % 8,
                                                                  "resolution": ("480p", "720p")[i % 2]})
                                      for i in range(30)))
-    with sqlite3.connect(gateway.services.config.db_path) as db:
+    with sqlite3.connect(gateway.db_path) as db:
         stored_types = {row[0] for row in db.execute(
             "SELECT typeof(reserved_delta) FROM ledger UNION SELECT typeof(spent_delta) FROM ledger "
             "UNION SELECT typeof(credit_delta) FROM ledger UNION SELECT typeof(amount_micros) FROM reservations "

@@ -52,7 +52,7 @@ async def test_a_team_change_through_the_admin_api_applies_to_the_next_request(s
 async def test_a_team_change_by_another_process_applies_within_the_team_row_lifetime(start_gateway) -> None:
     gateway = await start_gateway(teams=LIMITED)
     assert (await gateway.submit())[0] == 202
-    other = SQLiteStore(gateway.services.config.db_path)  # what `pixazo-proxy teams update` does
+    other = SQLiteStore(gateway.db_path)  # what `pixazo-proxy teams update` does
     await other.open()
     try:
         await other.update_team("design", max_submits_per_minute=1)
@@ -68,7 +68,7 @@ async def test_a_team_change_by_another_process_applies_within_the_team_row_life
 
 async def test_a_budget_change_by_another_process_applies_at_once(gateway: Gateway) -> None:
     assert (await gateway.submit())[0] == 202
-    other = SQLiteStore(gateway.services.config.db_path)
+    other = SQLiteStore(gateway.db_path)
     await other.open()
     try:
         await other.update_team("design", budget_limit_micros=100_000)

@@ -42,7 +42,7 @@ async def test_a_handle_the_upstream_refused_is_never_visible(gateway: Gateway, 
     await gateway.submit()
     import sqlite3
 
-    with sqlite3.connect(gateway.services.config.db_path) as db:
+    with sqlite3.connect(gateway.db_path) as db:
         [(handle,)] = db.execute("SELECT id FROM handles").fetchall()
 
     assert await gateway.status(handle) == (404, {"error": "Not Found", "message": "Request not found"})

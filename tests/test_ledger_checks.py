@@ -16,7 +16,7 @@ from tests.conftest import Gateway, ledger_mismatches, until
 async def test_a_tampered_total_is_reported(gateway: Gateway, column: str, scope: str) -> None:
     assert (await gateway.submit())[0] == 202
     await until(lambda: [k for (k,) in gateway.ledger_rows("kind")] == ["reserve", "settle"])
-    db = gateway.services.config.db_path
+    db = gateway.db_path
     assert await ledger_mismatches(db) == []
 
     with sqlite3.connect(db) as connection:
@@ -29,7 +29,7 @@ async def test_a_tampered_total_is_reported(gateway: Gateway, column: str, scope
 async def test_an_open_reservation_without_its_total_is_reported(gateway: Gateway, simulator) -> None:
     simulator.queue_outcomes("STUCK")
     assert (await gateway.submit())[0] == 202
-    db = gateway.services.config.db_path
+    db = gateway.db_path
     with sqlite3.connect(db) as connection:  # the total forgets the job, the reservation and ledger do not
         connection.execute("UPDATE budget_totals SET reserved_micros = 0 WHERE scope = 'team:design'")
 

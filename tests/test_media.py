@@ -57,7 +57,7 @@ async def test_without_the_policy_upstream_links_are_passed_on(gateway) -> None:
     _, body, _ = await gateway.submit()
     done = await wait_for_status(gateway, body["request_id"], {"COMPLETED"})
 
-    assert done["output"]["media_url"][0].startswith(gateway.services.config.upstream_url + "/media/")
+    assert done["output"]["media_url"][0].startswith(gateway.upstream_url + "/media/")
 
 
 class Files:

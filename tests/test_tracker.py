@@ -10,7 +10,7 @@ from tests.conftest import Gateway, until
 
 
 def job_states(gateway: Gateway) -> list[tuple[str, str | None]]:
-    with sqlite3.connect(gateway.services.config.db_path) as db:
+    with sqlite3.connect(gateway.db_path) as db:
         return db.execute("SELECT j.status, r.state FROM jobs j LEFT JOIN reservations r ON r.job_id = j.id").fetchall()
 
 

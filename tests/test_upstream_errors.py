@@ -13,7 +13,7 @@ from tests.conftest import UPSTREAM_KEY, Gateway, auth, free_port, wait_for_stat
 
 
 def job_statuses(gateway: Gateway) -> list[tuple[str, str | None]]:
-    with sqlite3.connect(gateway.services.config.db_path) as db:
+    with sqlite3.connect(gateway.db_path) as db:
         return db.execute("SELECT status, upstream_id FROM jobs ORDER BY id").fetchall()
 
 

@@ -31,7 +31,7 @@ async def hooked(start_gateway, tmp_path) -> Gateway:
 
 
 def outbox(gateway: Gateway) -> list[tuple[str, str, int, str | None]]:
-    with sqlite3.connect(gateway.services.config.db_path) as db:
+    with sqlite3.connect(gateway.db_path) as db:
         return db.execute("SELECT status, state, attempts, last_error FROM outbox ORDER BY id").fetchall()
 
 
@@ -234,7 +234,7 @@ async def test_delivery_checks_the_address_it_connects_to(start_gateway, tmp_pat
     async with Receiver() as receiver:
         port = receiver.url().split(":")[2].split("/")[0]
         _, body, _ = await gateway.submit()
-        with sqlite3.connect(gateway.services.config.db_path) as db:  # as a rebinding name would have got through
+        with sqlite3.connect(gateway.db_path) as db:  # as a rebinding name would have got through
             db.execute("UPDATE handles SET webhook_url = ?, webhook_mode = 'terminal' WHERE id = ?",
                        (f"http://localhost:{port}/hook", body["request_id"]))
         await wait_for_status(gateway, body["request_id"], {"COMPLETED"})
