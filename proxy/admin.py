@@ -21,13 +21,14 @@ from .money import micros_to_usd, usd_to_micros
 from .observe import TEAM
 from .services import SERVICES, Services
 from .store import (
-    PERIODS,
     TEAM_NAME_RULE,
     EntryRefused,
     LedgerEntry,
+    SettingProblem,
     Team,
     TeamExists,
     UnknownTeam,
+    check_team_settings,
     team_name_problem,
 )
 from .validate import check_content_type, parse_json
@@ -43,7 +44,6 @@ MAX_PAGE = 1000
 # request field -> (store setting, parser)
 _MONEY_FIELDS = {"budget_usd": "budget_limit_micros", "user_cap_usd": "user_cap_micros"}
 _COUNT_FIELDS = {"soft_threshold_percent", "max_concurrent_jobs", "max_submits_per_minute"}
-_NULLABLE = {"user_cap_usd", "max_concurrent_jobs", "max_submits_per_minute"}
 
 
 async def _admin(request: web.Request) -> tuple[Services, Principal]:
@@ -85,22 +85,13 @@ def _settings(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     for name, value in body.items():
         if name == "name":
             continue
-        if value is None:
-            if name not in _NULLABLE:
-                raise BadRequest(f"'{name}' cannot be null")
-            settings[_MONEY_FIELDS.get(name, name)] = None
-        elif name in _MONEY_FIELDS:
-            settings[_MONEY_FIELDS[name]] = _amount(name, value)
-        elif name in _COUNT_FIELDS:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BadRequest(f"'{name}' must be a whole number of at least 1")
-            settings[name] = value
-        elif name == "period":
-            if value not in PERIODS:
-                raise BadRequest("'period' must be one of " + ", ".join(PERIODS))
-            settings["period"] = value
-    if settings.get("soft_threshold_percent", 1) > 100:
-        raise BadRequest("'soft_threshold_percent' must be at most 100")
+        setting = _MONEY_FIELDS.get(name, name)
+        settings[setting] = _amount(name, value) if name in _MONEY_FIELDS and value is not None else value
+    try:
+        check_team_settings(settings)  # the same rules the CLI and the store apply
+    except SettingProblem as problem:
+        field = next((api for api, stored in _MONEY_FIELDS.items() if stored == problem.setting), problem.setting)
+        raise BadRequest(f"'{field}' {problem.rule}") from None
     return settings
 
 

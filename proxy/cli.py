@@ -21,7 +21,7 @@ from .config import Config, ConfigError, load_config
 from .logs import configure_logging
 from .money import micros_to_usd, usd_to_micros
 from .policyfile import PolicyError
-from .store import PERIODS, TeamExists, UnknownTeam, team_name_problem
+from .store import PERIODS, SettingProblem, TeamExists, UnknownTeam, check_team_settings, team_name_problem
 from .store.sqlite import SQLiteStore
 from .tabular import write_csv
 
@@ -184,11 +184,17 @@ def _optional(flag: str, value: str | None, parse: Any) -> Any:
 CLEAR = object()
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
+def _whole_number(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
+#: The flag that sets each team setting, to name it in an error.
+_FLAGS = {"budget_limit_micros": "--budget", "period": "--period", "soft_threshold_percent": "--soft-threshold",
+          "user_cap_micros": "--user-cap", "max_concurrent_jobs": "--max-concurrent",
+          "max_submits_per_minute": "--max-per-minute"}
 
 
 def _limit_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,17 +202,20 @@ def _limit_settings(args: argparse.Namespace) -> dict[str, Any]:
     parsed: dict[str, Any] = {
         "soft_threshold_percent": args.soft_threshold,
         "user_cap_micros": _optional("--user-cap", args.user_cap, usd_to_micros),
-        "max_concurrent_jobs": _optional("--max-concurrent", args.max_concurrent, _positive_int),
-        "max_submits_per_minute": _optional("--max-per-minute", args.max_per_minute, _positive_int),
+        "max_concurrent_jobs": _optional("--max-concurrent", args.max_concurrent, _whole_number),
+        "max_submits_per_minute": _optional("--max-per-minute", args.max_per_minute, _whole_number),
     }
     if args.action == "update":
         parsed["budget_limit_micros"] = _optional("--budget", args.budget, usd_to_micros)
         parsed["period"] = args.period
         if parsed["budget_limit_micros"] is CLEAR:
             raise CommandError("--budget cannot be cleared; give an amount")
-    if args.soft_threshold is not None and not 1 <= args.soft_threshold <= 100:
-        raise CommandError("--soft-threshold must be between 1 and 100")
-    return {name: None if value is CLEAR else value for name, value in parsed.items() if value is not None}
+    settings = {name: None if value is CLEAR else value for name, value in parsed.items() if value is not None}
+    try:
+        check_team_settings(settings)  # the same rules the admin API and the store apply
+    except SettingProblem as problem:
+        raise CommandError(f"{_FLAGS.get(problem.setting, problem.setting)} {problem.rule}") from None
+    return settings
 
 
 def _teams_create(args: argparse.Namespace) -> int:

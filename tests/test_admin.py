@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from proxy.admin import ADMIN_ROUTES
 from proxy.simulator import Simulator
-from tests.conftest import Gateway, auth, make_token, until, wait_for_status
+from proxy.store import SettingProblem
+from tests.conftest import POLICIES, ROOT, Gateway, auth, make_token, until, wait_for_status
 
 ADMIN = {"Authorization": f"Bearer {make_token(team='research', user='root', role='admin')}"}
 
@@ -65,7 +69,7 @@ async def test_create_show_list_and_update_teams(gateway: Gateway) -> None:
     ({"name": "n", "budget_usd": True}, "'budget_usd' must be an amount in USD, e.g. \"12.50\""),
     ({"name": "n", "budget_usd": "1", "period": "year"}, "'period' must be one of month, week, day, total"),
     ({"name": "n", "budget_usd": "1", "colour": "red"}, "unknown field(s): 'colour'"),
-    ({"name": "n", "budget_usd": "1", "soft_threshold_percent": 120}, "'soft_threshold_percent' must be at most 100"),
+    ({"name": "n", "budget_usd": "1", "soft_threshold_percent": 120}, "'soft_threshold_percent' must be a whole number between 1 and 100"),
     ({"name": "n", "budget_usd": "1", "max_concurrent_jobs": 0}, "'max_concurrent_jobs' must be a whole number of at least 1"),
 ])
 async def test_bad_team_bodies(gateway: Gateway, body: dict, message: str) -> None:
@@ -141,3 +145,22 @@ async def test_period_keys_are_matched_whole(gateway: Gateway) -> None:
     for path in ("/admin/teams/design/spend?period=2026-11%0A", "/admin/teams/design/ledger?period=2026-11%0A"):
         code, body = await call(gateway, "GET", path)
         assert code == 400 and "'period'" in body["message"], (path, body)
+
+
+@pytest.mark.parametrize(("setting", "value", "flag"), [
+    ("soft_threshold_percent", 0, "--soft-threshold"), ("soft_threshold_percent", 101, "--soft-threshold"),
+    ("max_concurrent_jobs", 0, "--max-concurrent"), ("max_submits_per_minute", 0, "--max-per-minute"),
+])
+async def test_admin_cli_and_store_refuse_the_same_settings_with_the_same_rule(gateway: Gateway, tmp_path, setting: str,
+                                                                               value: int, flag: str) -> None:
+    with pytest.raises(SettingProblem) as stored:
+        await gateway.services.store.update_team("design", **{setting: value})
+    code, body = await call(gateway, "PATCH", "/admin/teams/design", {setting: value})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "PIXAZO_"))} | {
+        "PROXY_DB": gateway.db_path, "PROXY_POLICIES": str(POLICIES)}
+    cli = subprocess.run([sys.executable, "-m", "proxy.cli", "teams", "update", "design", flag, str(value)],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+
+    rule = stored.value.rule
+    assert (code, body["message"]) == (400, f"'{setting}' {rule}")
+    assert (cli.returncode, cli.stderr) == (2, f"pixazo-proxy: error: {flag} {rule}\n")

@@ -78,8 +78,9 @@ def test_cli_mistakes_are_one_clear_line(env: dict[str, str]) -> None:
         (("teams", "update", "ghost", "--budget", "1"), "team 'ghost' does not exist"),
         (("teams", "update", "ops"), "nothing to change: give --budget, --period or a limit flag"),
         (("teams", "update", "ops", "--budget", "none"), "--budget cannot be cleared; give an amount"),
-        (("teams", "update", "ops", "--soft-threshold", "101"), "--soft-threshold must be between 1 and 100"),
-        (("teams", "update", "ops", "--max-concurrent", "0"), "--max-concurrent: must be at least 1"),
+        (("teams", "update", "ops", "--soft-threshold", "101"), "--soft-threshold must be a whole number between 1 and 100"),
+        (("teams", "update", "ops", "--max-concurrent", "0"), "--max-concurrent must be a whole number of at least 1"),
+        (("teams", "update", "ops", "--max-concurrent", "x"), "--max-concurrent: must be a whole number"),
         (("teams", "show", "ghost"), "team 'ghost' does not exist"),
         (("spend", "report", "--team", "ghost"), "team 'ghost' does not exist"),
     ]

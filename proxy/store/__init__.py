@@ -47,6 +47,45 @@ def team_name_problem(name: object) -> str | None:
     return None
 
 
+class SettingProblem(ValueError):
+    """A team setting breaks its rule: ``setting`` is the store's name, ``rule`` what it must be."""
+
+    def __init__(self, setting: str, rule: str) -> None:
+        super().__init__(f"{setting} {rule}")
+        self.setting = setting
+        self.rule = rule
+
+
+#: setting -> (least value, greatest value or None); None values clear the optional ones.
+_SETTING_RANGES: dict[str, tuple[int, int | None]] = {
+    "budget_limit_micros": (0, None),
+    "soft_threshold_percent": (1, 100),
+    "user_cap_micros": (0, None),
+    "max_concurrent_jobs": (1, None),
+    "max_submits_per_minute": (1, None),
+}
+_OPTIONAL_SETTINGS = ("user_cap_micros", "max_concurrent_jobs", "max_submits_per_minute")
+
+
+def check_team_settings(settings: dict[str, Any]) -> None:
+    """The one check of team settings, whoever changes them (admin API, CLI, store): :class:`SettingProblem`."""
+    for name, value in settings.items():
+        if name not in TEAM_SETTINGS:
+            raise SettingProblem(name, "is not a team setting")
+        if name == "period":
+            if value not in PERIODS:
+                raise SettingProblem(name, "must be one of " + ", ".join(PERIODS))
+            continue
+        if value is None:
+            if name not in _OPTIONAL_SETTINGS:
+                raise SettingProblem(name, "cannot be cleared")
+            continue
+        least, most = _SETTING_RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least or (most is not None and value > most):
+            span = f"between {least} and {most}" if most is not None else f"of at least {least}"
+            raise SettingProblem(name, f"must be a whole number {span}")
+
+
 class StoreError(Exception):
     """Base of errors the store raises on purpose."""
 

@@ -39,8 +39,6 @@ from ..clock import iso_utc
 from ..ttlcache import TtlCache
 from ..views import status_body
 from . import (
-    PERIODS,
-    TEAM_SETTINGS,
     TERMINAL_STATUSES,
     BudgetView,
     Decision,
@@ -55,6 +53,7 @@ from . import (
     TeamExists,
     UnknownTeam,
     accounts,
+    check_team_settings,
     outbox,
     team_name_problem,
 )
@@ -234,7 +233,7 @@ class SQLiteStore:
     async def create_team(self, name: str, budget_limit_micros: int, period: str, **settings: Any) -> Team:
         if (problem := team_name_problem(name)) is not None:
             raise ValueError(problem)
-        _check_settings({"budget_limit_micros": budget_limit_micros, "period": period, **settings})
+        check_team_settings({"budget_limit_micros": budget_limit_micros, "period": period, **settings})
         now = iso_utc()
         values = {"budget_limit_micros": budget_limit_micros, "period": period, **settings}
         names = ", ".join(values)
@@ -255,7 +254,7 @@ class SQLiteStore:
         return team
 
     async def update_team(self, name: str, **settings: Any) -> Team:
-        _check_settings(settings)
+        check_team_settings(settings)
         if settings:
             assignments = ", ".join(f"{column} = ?" for column in settings)
 
@@ -638,23 +637,6 @@ def _reservation(row: Any) -> Reservation:
      job_status, upstream_id) = row
     return Reservation(job_id, handle, team, user, model, period_key, amount, seconds, resolution, basis, state,
                        created_at, json.loads(params), job_status, upstream_id)
-
-
-def _check_settings(settings: dict[str, Any]) -> None:
-    """Refuse unknown team settings and impossible values before they reach SQL."""
-    unknown = set(settings) - set(TEAM_SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown team settings: {', '.join(sorted(unknown))}")
-    if "period" in settings and settings["period"] not in PERIODS:
-        raise ValueError(f"period must be one of {', '.join(PERIODS)}")
-    if "budget_limit_micros" in settings and settings["budget_limit_micros"] < 0:
-        raise ValueError("the budget limit must be at least 0")
-    percent = settings.get("soft_threshold_percent")
-    if percent is not None and not 1 <= percent <= 100:
-        raise ValueError("the soft threshold must be between 1 and 100 percent")
-    for name in ("user_cap_micros", "max_concurrent_jobs", "max_submits_per_minute"):
-        if settings.get(name) is not None and settings[name] < (0 if name == "user_cap_micros" else 1):
-            raise ValueError(f"{name} must be at least {0 if name == 'user_cap_micros' else 1}")
 
 
 def _statements(script: str) -> list[str]:
