@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .clock import Clock
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, default_policies_dir, load_config
 from .logs import configure_logging
 from .money import micros_to_usd, usd_to_micros
 from .policyfile import PolicyError
@@ -26,6 +26,7 @@ from .store.sqlite import SQLiteStore
 from .tabular import write_csv
 
 logger = logging.getLogger("proxy.cli")  # a fixed name: under "python -m" __name__ is "__main__"
+POLICIES_HELP = "policy directory (PROXY_POLICIES; default ./policies if present, else the packaged defaults)"
 
 
 class CommandError(Exception):
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--public-url", help="URL clients reach the gateway at (PROXY_PUBLIC_URL)")
     serve.add_argument("--upstream", help="Pixazo base URL (PIXAZO_UPSTREAM_URL, default https://gateway.pixazo.ai)")
     serve.add_argument("--db", help="SQLite database path (PROXY_DB, default pixazo-proxy.db)")
-    serve.add_argument("--policies", type=Path, help="policy directory (PROXY_POLICIES, default ./policies)")
+    serve.add_argument("--policies", type=Path, help=POLICIES_HELP)
     serve.add_argument("--metrics-port", type=int, help="also serve /metrics on this port (PROXY_METRICS_PORT)")
     serve.add_argument("--simulate", action="store_true", default=None,
                        help="run the Pixazo simulator in-process as the upstream (PROXY_SIMULATE=1)")
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--period", choices=PERIODS, default="month", help="budget period (default month)")
     create.add_argument("--exist-ok", action="store_true", help="succeed without change if the team exists")
     create.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    create.add_argument("--policies", type=Path, help=POLICIES_HELP + "; its soft threshold is the default")
     create.set_defaults(run=_teams_create)
     update = teams.add_parser("update", help="change a team's budget or limits (takes effect on the next request)")
     update.add_argument("name")
@@ -114,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
     policies = commands.add_parser("policies", help="policy files").add_subparsers(dest="action", required=True)
     check = policies.add_parser("check", help="validate the policy files")
-    check.add_argument("dir", nargs="?", type=Path, help="policy directory (PROXY_POLICIES, default ./policies)")
+    check.add_argument("dir", nargs="?", type=Path, help=POLICIES_HELP)
     check.set_defaults(run=_policies_check)
     return parser
 
@@ -227,7 +229,7 @@ def _teams_create(args: argparse.Namespace) -> int:
         raise CommandError(problem)
     settings = _limit_settings(args)
     if "soft_threshold_percent" not in settings:
-        settings["soft_threshold_percent"] = _rules().soft_threshold_percent
+        settings["soft_threshold_percent"] = _rules(args.policies).soft_threshold_percent
     try:
         team = asyncio.run(_with_store(
             _store_path(args), lambda s: s.create_team(args.name, limit, args.period, **settings)))
@@ -240,10 +242,15 @@ def _teams_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rules() -> Any:
+def _policies_dir(given: Path | None) -> Path:
+    """A command's policy directory: its flag, else PROXY_POLICIES, else ./policies or the packaged defaults."""
+    return given or (Path(os.environ["PROXY_POLICIES"]) if os.environ.get("PROXY_POLICIES") else default_policies_dir())
+
+
+def _rules(given: Path | None) -> Any:
     from .budget import load_budget_rules
 
-    return load_budget_rules(Path(os.environ.get("PROXY_POLICIES") or "policies"))
+    return load_budget_rules(_policies_dir(given))
 
 
 def _teams_update(args: argparse.Namespace) -> int:
@@ -363,7 +370,7 @@ def _policies_check(args: argparse.Namespace) -> int:
     from .catalog import load_catalog
     from .webhooks import load_delivery_rules
 
-    directory = args.dir or Path(os.environ.get("PROXY_POLICIES") or "policies")
+    directory = _policies_dir(args.dir)
     catalog = load_catalog(directory)
     rules = load_budget_rules(directory)
     load_cache_rules(directory)

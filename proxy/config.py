@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_UPSTREAM_URL = "https://gateway.pixazo.ai"
+#: The policies that ship inside the package (a copy of the repository's policies/, kept identical by a test).
+PACKAGED_POLICIES = Path(__file__).resolve().parent / "policies"
+
+
+def default_policies_dir() -> Path:
+    """``./policies`` where there is one (the editable copy), else the packaged defaults: works from any directory."""
+    local = Path("policies")
+    return local if (local / "models.toml").is_file() else PACKAGED_POLICIES
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"})
 MIN_JWT_SECRET_LENGTH = 32
@@ -61,7 +69,7 @@ class Config:
     public_url: str = ""
     upstream_url: str = DEFAULT_UPSTREAM_URL
     db_path: str = "pixazo-proxy.db"
-    policies_dir: Path = Path("policies")
+    policies_dir: Path = field(default_factory=default_policies_dir)
     simulate: bool = False
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     jwt_public_key: str = ""
