@@ -123,7 +123,7 @@ async def test_deliveries_carry_standard_webhooks_signatures_with_a_rotatable_te
         await until(lambda: len(receiver.calls) == 2)
 
     def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
-        """What a receiver does, as the README shows."""
+        """What a receiver does, as docs/cache-and-webhooks.md shows."""
         key = base64.b64decode(secret.removeprefix("whsec_"))
         signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
         expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
