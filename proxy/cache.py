@@ -31,12 +31,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from .budget import period_key
 from .clock import Clock, iso_utc, new_request_id
 from .errors import BudgetExceeded, Conflict, TooManyRequests
-from .forward import STATUS_PATH, submission_for
+from .forward import accepted, submission_for
 from .headers import CACHE_HEADER
 from .metrics import Metrics
 from .money import micros_to_usd
@@ -169,10 +167,7 @@ class Dedup(Policy):
         saving = Saving(period_key(ctx.team.period, now), period_key(self.global_period, now))
         saved = await self.store.attach_handle(submission_for(ctx, cache=ctx.cache), job_id, saving)
         ctx.response_headers["X-Proxy-Saved-USD"] = micros_to_usd(saved)
-        ctx.response = web.json_response(
-            {"request_id": ctx.handle, "status": status, "polling_url": f"{self.public_url}{STATUS_PATH}{ctx.handle}"},
-            status=202,
-        )
+        ctx.response = accepted(self.public_url, ctx.handle, status)
 
     async def on_response(self, ctx: SubmitContext) -> None:
         if ctx.job_id is not None:

@@ -85,14 +85,13 @@ class Forward(Policy):
         assert ctx.params is not None and ctx.handle is not None
         ctx.upstream_attempted = True
         ctx.upstream = await self.upstream.submit(ctx.model.path, ctx.params)
-        ctx.response = web.json_response(
-            {
-                "request_id": ctx.handle,
-                "status": _initial_status(ctx.upstream),
-                "polling_url": f"{self.public_url}{STATUS_PATH}{ctx.handle}",
-            },
-            status=202,
-        )
+        ctx.response = accepted(self.public_url, ctx.handle, _initial_status(ctx.upstream))
+
+
+def accepted(public_url: str, handle: str, status: str, headers: dict[str, str] | None = None) -> web.Response:
+    """The upstream's 202 for a submit, naming the gateway's handle and its polling URL (``public_url``: no '/')."""
+    return web.json_response({"request_id": handle, "status": status, "polling_url": f"{public_url}{STATUS_PATH}{handle}"},
+                             status=202, headers=headers)
 
 
 def submission_for(ctx: SubmitContext, cache: str) -> Submission:

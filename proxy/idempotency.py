@@ -21,11 +21,9 @@ import hashlib
 import re
 from datetime import timedelta
 
-from aiohttp import web
-
 from .clock import Clock, iso_utc
 from .errors import BadRequest, Conflict, UnprocessableContent
-from .forward import STATUS_PATH
+from .forward import accepted
 from .pipeline import Policy, SubmitContext
 from .store import UNKNOWN_OUTCOME, IdempotencyRecord, Store
 from .validate import canonical_json
@@ -75,11 +73,7 @@ class Idempotency(Policy):
                 raise Conflict(f"The request with this {HEADER} was sent to the upstream and its answer is not "
                                "known yet (it may still be in flight, or the answer was lost); it is not sent again. "
                                "Retry later: once the gateway resolves it, this key answers with its handle.")
-            ctx.response = web.json_response(
-                {"request_id": handle, "status": status, "polling_url": f"{self.public_url}{STATUS_PATH}{handle}"},
-                status=202,
-                headers={"Idempotent-Replayed": "true"},
-            )
+            ctx.response = accepted(self.public_url, handle, status, {"Idempotent-Replayed": "true"})
             return
         ctx.idempotency = IdempotencyRecord(key, request_hash, iso_utc(now + self.ttl))
 

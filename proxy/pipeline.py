@@ -80,6 +80,9 @@ class Policy:
 class Pipeline:
     def __init__(self, policies: list[Policy]) -> None:
         self.policies = list(policies)
+        # Only the hooks a policy defines are awaited: most policies define on_request alone.
+        self._answers = {id(p) for p in policies if type(p).on_response is not Policy.on_response}
+        self._undoes = {id(p) for p in policies if type(p).on_failure is not Policy.on_failure}
 
     async def run(self, ctx: SubmitContext) -> web.StreamResponse:
         entered: list[Policy] = []
@@ -92,9 +95,12 @@ class Pipeline:
             if ctx.response is None:
                 raise RuntimeError("the pipeline ended without a response; the last policy must set one")
             for policy in reversed(entered):
-                await policy.on_response(ctx)
+                if id(policy) in self._answers:
+                    await policy.on_response(ctx)
         except BaseException as error:
             for policy in reversed(entered):
+                if id(policy) not in self._undoes:
+                    continue
                 try:
                     await policy.on_failure(ctx, error)
                 except Exception:
