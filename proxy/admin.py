@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import asdict
 from decimal import Decimal
 from typing import Any
 
@@ -25,6 +26,7 @@ from .store import (
     EntryRefused,
     LedgerEntry,
     SettingProblem,
+    SpendRow,
     Team,
     TeamExists,
     UnknownTeam,
@@ -217,9 +219,9 @@ async def spend(request: web.Request) -> web.StreamResponse:
     return web.json_response([report_json(row) for row in await services.store.spend_report(keys)])
 
 
-def report_json(row: dict[str, Any]) -> dict[str, Any]:
+def report_json(row: SpendRow) -> dict[str, Any]:
     return {name.removesuffix("_micros") + "_usd" if name.endswith("_micros") else name:
-            micros_to_usd(value) if name.endswith("_micros") else value for name, value in row.items()}
+            micros_to_usd(value) if name.endswith("_micros") else value for name, value in asdict(row).items()}
 
 
 async def team_ledger(request: web.Request) -> web.StreamResponse:

@@ -190,7 +190,8 @@ class Budget(Policy):
     async def quote(self, ctx: SubmitContext) -> web.StreamResponse:
         assert ctx.hold is not None and ctx.principal is not None and ctx.team is not None
         estimate = ctx.hold.estimate
-        view, refusal = await self.store.check_hold(ctx.principal.team, ctx.principal.user, ctx.hold)
+        check = await self.store.check_hold(ctx.principal.team, ctx.principal.user, ctx.hold)
+        view, refusal = check.budget, check.refusal
         body = {
             "dry_run": True,
             "model_id": ctx.model.id,

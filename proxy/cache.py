@@ -138,19 +138,19 @@ class Dedup(Policy):
                 if found is None:
                     self._answered(ctx, "MISS")
                     return
-                if found[1] in UNKNOWN_OUTCOME:  # not ours in flight (that would hold the claim): lost in a crash
+                if found.status in UNKNOWN_OUTCOME:  # not ours in flight (that would hold the claim): lost in a crash
                     raise Conflict("An identical request was sent to the upstream and its answer was lost, so it may "
                                    "have run; it is not sent again until the gateway resolves it. Send "
                                    f"{CACHE_HEADER}: bypass to submit it anyway.")
-                self._end_claim(ctx, result=found[0])
-                await self._attach(ctx, *found)
+                self._end_claim(ctx, result=found.job_id)
+                await self._attach(ctx, found.job_id, found.status)
                 return
             try:
                 job_id = await asyncio.shield(waiting)
             except (BudgetExceeded, TooManyRequests):
                 continue  # the first caller's own limits; this caller tries on its own
             found = await self.store.find_reusable(fp, "")
-            await self._attach(ctx, job_id, found[1] if found and found[0] == job_id else "QUEUED")
+            await self._attach(ctx, job_id, found.status if found and found.job_id == job_id else "QUEUED")
             return
         self._answered(ctx, "MISS")
 

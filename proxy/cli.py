@@ -21,7 +21,7 @@ from .config import Config, ConfigError, default_policies_dir, load_config
 from .logs import configure_logging
 from .money import micros_to_usd, usd_to_micros
 from .policyfile import PolicyError
-from .store import PERIODS, SettingProblem, TeamExists, UnknownTeam, check_team_settings, team_name_problem
+from .store import PERIODS, SettingProblem, SpendRow, TeamExists, UnknownTeam, check_team_settings, team_name_problem
 from .store.sqlite import SQLiteStore
 from .tabular import write_csv
 
@@ -295,7 +295,7 @@ def _teams_show(args: argparse.Namespace) -> int:
 def _spend_report(args: argparse.Namespace) -> int:
     from .budget import period_key
 
-    async def work(store: SQLiteStore) -> list[dict[str, Any]]:
+    async def work(store: SQLiteStore) -> list[SpendRow]:
         teams = await store.list_teams()
         if args.team is not None and args.team not in {t.name for t in teams}:
             raise CommandError(f"team '{args.team}' does not exist")

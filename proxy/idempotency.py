@@ -66,8 +66,8 @@ class Idempotency(Policy):
         now = self.clock.now()
         existing = await self.store.idempotent_handle(*scope, iso_utc(now))
         if existing is not None:
-            remembered_hash, handle, status = existing
-            if remembered_hash != request_hash:
+            handle, status = existing.handle, existing.status
+            if existing.request_hash != request_hash:
                 raise UnprocessableContent(f"This {HEADER} was already used with a different request")
             if status in UNKNOWN_OUTCOME:
                 raise Conflict(f"The request with this {HEADER} was sent to the upstream and its answer is not "

@@ -53,8 +53,8 @@ class Tracker:
         """Ask upstream about every job due; the number of calls that failed."""
         now = time.time()
         jobs = await self.store.active_jobs()
-        due = [(job_id, upstream_id) for job_id, upstream_id, checked_at in jobs if now - checked_at >= self.interval]
-        self.lag_seconds = max([0.0] + [now - checked_at - self.interval for _, _, checked_at in jobs])
+        due = [(job.job_id, job.upstream_id) for job in jobs if now - job.checked_at >= self.interval]
+        self.lag_seconds = max([0.0] + [now - job.checked_at - self.interval for job in jobs])
         if self.metrics is not None:
             self.metrics.tracker_lag.set(self.lag_seconds)
 

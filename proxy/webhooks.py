@@ -42,8 +42,7 @@ from .metrics import Metrics
 from .netguard import BlockedAddress, check_literal_host, is_public_address, literal_address, outbound_session
 from .pipeline import Policy, SubmitContext
 from .policyfile import read_toml
-from .store import Store
-from .store.outbox import SECRET_PREFIX, Delivery
+from .store import SECRET_PREFIX, Delivery, Store
 from .validate import url_problem
 
 logger = logging.getLogger(__name__)

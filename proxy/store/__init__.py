@@ -217,6 +217,73 @@ class IdempotencyRecord:
 
 
 @dataclass(frozen=True)
+class RememberedKey:
+    """An unexpired Idempotency-Key: the hash of the request it came with, its handle, and its job's status."""
+
+    request_hash: str
+    handle: str
+    status: str
+
+
+@dataclass(frozen=True)
+class ReusableJob:
+    """A job an identical request may share (running, of unknown outcome, or COMPLETED within the TTL)."""
+
+    job_id: int
+    status: str
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A job running upstream, for the tracker."""
+
+    job_id: int
+    upstream_id: str
+    checked_at: float
+
+
+@dataclass(frozen=True)
+class HoldCheck:
+    """A dry run's answer: the team's budget now, and why the hold would be refused (None: it would not)."""
+
+    budget: BudgetView
+    refusal: str | None
+
+
+@dataclass(frozen=True)
+class SpendRow:
+    """One team's spend for one period, as reports show it."""
+
+    team: str
+    period: str
+    limit_micros: int
+    credit_micros: int
+    spent_micros: int
+    reserved_micros: int
+    remaining_micros: int
+    charged_jobs: int
+    saved_micros: int
+
+
+#: A webhook signing secret's prefix (Standard Webhooks).
+SECRET_PREFIX = "whsec_"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook POST waiting in the outbox; ``message_id`` is the ``webhook-id`` receivers deduplicate on."""
+
+    id: int
+    message_id: str
+    handle: str
+    team: str
+    url: str
+    status: str
+    payload: str
+    attempts: int
+
+
+@dataclass(frozen=True)
 class Submission:
     """A new handle, as the pipeline asks the store to record it."""
 
@@ -303,16 +370,16 @@ class Store(Protocol):
 
     async def mark_submitted(self, job_id: int, upstream_id: str, status: str) -> None: ...
 
-    async def idempotent_handle(self, team: str, user: str, key: str, now: str) -> tuple[str, str, str] | None:
-        """(request hash, handle, job status) remembered for an unexpired key; None if unknown or refused upstream."""
+    async def idempotent_handle(self, team: str, user: str, key: str, now: str) -> RememberedKey | None:
+        """What an unexpired key remembers; None if unknown or refused upstream."""
         ...
 
     async def purge_idempotency(self, now: str) -> int:
         """Forget expired keys; how many."""
         ...
 
-    async def find_reusable(self, fingerprint: str, completed_after: str) -> tuple[int, str] | None:
-        """(job id, status) of the newest job with ``fingerprint`` that is running, of unknown outcome (see
+    async def find_reusable(self, fingerprint: str, completed_after: str) -> ReusableJob | None:
+        """The newest job with ``fingerprint`` that is running, of unknown outcome (see
         :data:`UNKNOWN_OUTCOME`), or COMPLETED after the given time."""
         ...
 
@@ -339,8 +406,8 @@ class Store(Protocol):
         """
         ...
 
-    async def active_jobs(self, limit: int = 10_000) -> list[tuple[int, str, float]]:
-        """(job id, upstream id, last checked) of every job still running upstream, least recently checked first."""
+    async def active_jobs(self, limit: int = 10_000) -> list[RunningJob]:
+        """Every job still running upstream, least recently checked first."""
         ...
 
     async def reservation(self, job_id: int) -> Reservation | None: ...
@@ -351,7 +418,7 @@ class Store(Protocol):
 
     async def budget_view(self, team: str, period_key: str) -> BudgetView: ...
 
-    async def check_hold(self, team: str, user: str, hold: Hold) -> tuple[BudgetView, str | None]:
+    async def check_hold(self, team: str, user: str, hold: Hold) -> HoldCheck:
         """The team's budget now and why ``hold`` would be refused (None if it would not); reserves nothing."""
         ...
 
@@ -363,13 +430,13 @@ class Store(Protocol):
     async def ledger(self, team: str, period_key: str | None = None, limit: int = 100,
                      before_id: int | None = None) -> list[LedgerEntry]: ...
 
-    async def spend_report(self, period_keys: dict[str, str]) -> list[dict[str, Any]]:
+    async def spend_report(self, period_keys: dict[str, str]) -> list[SpendRow]:
         """Per team (name -> period key): limit, credit, spent, reserved, jobs, saved."""
         ...
 
     async def handles_of(self, team: str, limit: int = 100, before: str | None = None) -> list[HandleView]: ...
 
-    async def due_deliveries(self, now: str, per_team: int = 8, skip: tuple[int, ...] = ()) -> list[Any]:
+    async def due_deliveries(self, now: str, per_team: int = 8, skip: tuple[int, ...] = ()) -> list[Delivery]:
         """Pending webhook deliveries whose time has come: the head of each handle's queue, at most ``per_team``
         per team, none of ``skip``; the teams interleaved, oldest first within each."""
         ...

@@ -12,24 +12,10 @@ import base64
 import json
 import secrets
 import sqlite3
-from dataclasses import dataclass
 from typing import Any
 
 from ..clock import uuid7
-
-SECRET_PREFIX = "whsec_"
-
-
-@dataclass(frozen=True)
-class Delivery:
-    id: int
-    message_id: str
-    handle: str
-    team: str
-    url: str
-    status: str
-    payload: str
-    attempts: int
+from . import SECRET_PREFIX, Delivery
 
 
 def new_secret() -> str:

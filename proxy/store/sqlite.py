@@ -42,12 +42,18 @@ from . import (
     TERMINAL_STATUSES,
     BudgetView,
     Decision,
+    Delivery,
     HandleView,
+    HoldCheck,
     JobUpdate,
     LedgerEntry,
     Receipt,
+    RememberedKey,
     Reservation,
+    ReusableJob,
+    RunningJob,
     Saving,
+    SpendRow,
     Submission,
     Team,
     TeamExists,
@@ -318,14 +324,14 @@ class SQLiteStore:
 
         return await self._write(begin)
 
-    async def idempotent_handle(self, team: str, user: str, key: str, now: str) -> tuple[str, str, str] | None:
+    async def idempotent_handle(self, team: str, user: str, key: str, now: str) -> RememberedKey | None:
         row = await self._read_point(
             "SELECT k.request_hash, k.handle, j.status FROM idempotency_keys k JOIN handles h ON h.id = k.handle "
             "JOIN jobs j ON j.id = h.job_id WHERE k.team = ? AND k.user_id = ? AND k.idempotency_key = ? "
             "AND k.expires_at > ? AND j.status <> 'REJECTED'",
             (team, user, key, now),
         )
-        return (row[0], row[1], row[2]) if row else None
+        return RememberedKey(*row) if row else None
 
     async def purge_idempotency(self, now: str) -> int:
         """Forget expired keys, :data:`PURGE_BATCH` per write, so the write lock is never held for long."""
@@ -338,13 +344,13 @@ class SQLiteStore:
             if batch < PURGE_BATCH:
                 return purged
 
-    async def find_reusable(self, fingerprint: str, completed_after: str) -> tuple[int, str] | None:
+    async def find_reusable(self, fingerprint: str, completed_after: str) -> ReusableJob | None:
         row = await self._read_point(
             "SELECT id, status FROM jobs WHERE fingerprint = ? AND (status IN ('QUEUED', 'PROCESSING', "
             "'SUBMITTING', 'INDETERMINATE') OR (status = 'COMPLETED' AND finished_at >= ?)) ORDER BY id DESC LIMIT 1",
             (fingerprint, completed_after),
         )
-        return (row[0], row[1]) if row else None
+        return ReusableJob(*row) if row else None
 
     async def attach_handle(self, submission: Submission, job_id: int, saving: Saving) -> int:
         now = iso_utc()
@@ -438,13 +444,13 @@ class SQLiteStore:
 
         return await self._write(apply)
 
-    async def active_jobs(self, limit: int = 10_000) -> list[tuple[int, str, float]]:
+    async def active_jobs(self, limit: int = 10_000) -> list[RunningJob]:
         rows = await self._read_all(
             "SELECT id, upstream_id, checked_at FROM jobs WHERE status IN ('QUEUED', 'PROCESSING') "
             "AND upstream_id IS NOT NULL ORDER BY checked_at LIMIT ?",
             (limit,),
         )
-        return [tuple(row) for row in rows]
+        return [RunningJob(*row) for row in rows]
 
     async def reservation(self, job_id: int) -> Reservation | None:
         row = await self._read_one(_RESERVATION_SELECT + " WHERE r.job_id = ?", (job_id,))
@@ -458,7 +464,7 @@ class SQLiteStore:
 
     # webhooks
 
-    async def due_deliveries(self, now: str, per_team: int = 8, skip: tuple[int, ...] = ()) -> list[outbox.Delivery]:
+    async def due_deliveries(self, now: str, per_team: int = 8, skip: tuple[int, ...] = ()) -> list[Delivery]:
         return await self._read(outbox.due, now, per_team, skip)
 
     async def delivery_done(self, delivery_id: int, *, delivered: bool, attempts: int, next_attempt_at: str | None,
@@ -496,10 +502,11 @@ class SQLiteStore:
     async def budget_view(self, team: str, period_key: str) -> BudgetView:
         return await self._read(lambda db: accounts.budget_view(db, self._team_in(db, team), period_key))
 
-    async def check_hold(self, team: str, user: str, hold: Hold) -> tuple[BudgetView, str | None]:
-        def check(db: Db) -> tuple[BudgetView, str | None]:
+    async def check_hold(self, team: str, user: str, hold: Hold) -> HoldCheck:
+        def check(db: Db) -> HoldCheck:
             team_row = self._team_in(db, team)
-            return accounts.budget_view(db, team_row, hold.period_key), accounts.refusal_for(db, team_row, user, hold)
+            return HoldCheck(accounts.budget_view(db, team_row, hold.period_key),
+                             accounts.refusal_for(db, team_row, user, hold))
 
         return await self._read(check)
 
@@ -532,8 +539,8 @@ class SQLiteStore:
         params.append(limit)
         return [accounts.ledger_entry(row) for row in await self._read_all(sql, tuple(params))]
 
-    async def spend_report(self, period_keys: dict[str, str]) -> list[dict[str, Any]]:
-        def report(db: Db) -> list[dict[str, Any]]:
+    async def spend_report(self, period_keys: dict[str, str]) -> list[SpendRow]:
+        def report(db: Db) -> list[SpendRow]:
             rows = []
             for row in db.execute(f"SELECT {_TEAM_COLUMNS} FROM teams ORDER BY name").fetchall():
                 team = Team(*row)
@@ -546,10 +553,8 @@ class SQLiteStore:
                     "COALESCE(SUM(saved_micros), 0) FROM ledger WHERE team = ? AND period_key = ?",
                     (team.name, key),
                 ).fetchone()
-                rows.append({"team": team.name, "period": key, "limit_micros": view.limit_micros,
-                             "credit_micros": view.credit_micros, "spent_micros": view.spent_micros,
-                             "reserved_micros": view.reserved_micros, "remaining_micros": view.remaining_micros,
-                             "charged_jobs": jobs, "saved_micros": saved})
+                rows.append(SpendRow(team.name, key, view.limit_micros, view.credit_micros, view.spent_micros,
+                                     view.reserved_micros, view.remaining_micros, jobs, saved))
             return rows
 
         return await self._read(report)
