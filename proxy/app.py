@@ -40,7 +40,7 @@ from .routes import add_routes
 from .services import SERVICES, Services
 from .settle import Settler
 from .simulator import Simulator, SimulatorSettings
-from .store.sqlite import SQLiteStore
+from .store.factory import store_at
 from .sweeper import Sweeper
 from .tracker import Tracker
 from .upstream import Upstream
@@ -68,7 +68,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         config, simulator_context = _in_process_simulator(config, catalog)
         contexts.append(simulator_context)
 
-    store = SQLiteStore(config.db_path)
+    store = store_at(config.db_path)
     metrics = Metrics()
     metrics.policy_loaded.set_to_current_time()
     metrics.policy_models.set(len(catalog.models))

@@ -21,8 +21,8 @@ from .config import Config, ConfigError, default_policies_dir, load_config
 from .logs import configure_logging
 from .money import micros_to_usd, usd_to_micros
 from .policyfile import PolicyError
-from .store import PERIODS, SettingProblem, SpendRow, TeamExists, UnknownTeam, check_team_settings, team_name_problem
-from .store.sqlite import SQLiteStore
+from .store import PERIODS, SettingProblem, SpendRow, Store, TeamExists, UnknownTeam, check_team_settings, team_name_problem
+from .store.factory import store_at
 from .tabular import write_csv
 
 logger = logging.getLogger("proxy.cli")  # a fixed name: under "python -m" __name__ is "__main__"
@@ -163,7 +163,10 @@ def _store_path(args: argparse.Namespace) -> str:
 
 
 async def _with_store(path: str, work: Any) -> Any:
-    store = SQLiteStore(path)
+    try:
+        store = store_at(path)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     await store.open()
     try:
         return await work(store)
@@ -268,7 +271,7 @@ def _teams_update(args: argparse.Namespace) -> int:
 def _teams_show(args: argparse.Namespace) -> int:
     from .budget import period_key
 
-    async def work(store: SQLiteStore) -> tuple[Any, Any]:
+    async def work(store: Store) -> tuple[Any, Any]:
         team = await store.get_team(args.name)
         if team is None:
             raise CommandError(f"team '{args.name}' does not exist")
@@ -295,7 +298,7 @@ def _teams_show(args: argparse.Namespace) -> int:
 def _spend_report(args: argparse.Namespace) -> int:
     from .budget import period_key
 
-    async def work(store: SQLiteStore) -> list[SpendRow]:
+    async def work(store: Store) -> list[SpendRow]:
         teams = await store.list_teams()
         if args.team is not None and args.team not in {t.name for t in teams}:
             raise CommandError(f"team '{args.team}' does not exist")

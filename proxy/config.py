@@ -229,6 +229,10 @@ def check_config(config: Config) -> None:
         url = getattr(config, name)
         if url and not url.startswith(("http://", "https://")):
             raise ConfigError(f"{variable} must start with http:// or https://")
+    from .store.factory import location_problem  # the store decides what it can open
+
+    if (problem := location_problem(config.db_path)) is not None:
+        raise ConfigError(f"PROXY_DB {problem}")
     if not 0 <= config.port <= 65535:
         raise ConfigError("PROXY_PORT must be between 0 and 65535")
     if config.max_body_bytes < 1024:
