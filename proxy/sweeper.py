@@ -81,17 +81,10 @@ class Sweeper:
     async def _resolve_indeterminate(self, reservation: Reservation) -> int:
         """Charge or release a submit whose outcome stayed unknown; 1 if this sweep resolved it."""
         charged = self.rules.indeterminate_charged
-        if charged:
-            decision = Decision("settle", reservation.amount_micros, reservation.seconds, reservation.resolution,
-                                INDETERMINATE, "outcome unknown: charged by policy (settlement.indeterminate)")
-            update_status, error = "FAILED", INDETERMINATE_CHARGED
-        else:
-            decision = Decision.release("outcome unknown: released by policy (settlement.indeterminate)",
-                                        reservation.seconds, reservation.resolution, INDETERMINATE)
-            update_status, error = "ERROR", INDETERMINATE_RELEASED
-        stamp = iso_utc()
-        if not await self.store.update_job(reservation.job_id, JobUpdate(update_status, None, error, stamp, stamp,
-                                                                         time.time()), decision):
+        decision = _by_policy(reservation, charged, "outcome unknown", "(settlement.indeterminate)",
+                              INDETERMINATE, INDETERMINATE)
+        status, error = ("FAILED", INDETERMINATE_CHARGED) if charged else ("ERROR", INDETERMINATE_RELEASED)
+        if not await self._end(reservation, status, error, decision):
             return 0
         action = "charge" if charged else "release"
         if self.metrics is not None:
@@ -106,12 +99,22 @@ class Sweeper:
 
     async def _resolve_stale(self, reservation: Reservation) -> None:
         age = f"not terminal after {self.rules.stale_job_seconds:g} s"
-        if self.rules.stale_job_charged:
-            decision = Decision("settle", reservation.amount_micros, reservation.seconds, reservation.resolution,
-                                "reserved-figure", f"{age}: charged by policy")
-        else:
-            decision = Decision.release(f"{age}: released by policy", reservation.seconds, reservation.resolution)
-        stamp = iso_utc()
-        update = JobUpdate("ERROR", None, STALE_ERROR, stamp, stamp, time.time())
-        if await self.store.update_job(reservation.job_id, update, decision):
+        decision = _by_policy(reservation, self.rules.stale_job_charged, age, "", "reserved-figure", "released")
+        if await self._end(reservation, "ERROR", STALE_ERROR, decision):
             logger.warning("resolved stale job of %s: %s", reservation.handle, decision.note)
+
+    async def _end(self, reservation: Reservation, status: str, error: str, decision: Decision) -> bool:
+        """Record the job's end as ``status`` with ``error``, settling its money as ``decision`` says."""
+        stamp = iso_utc()
+        return await self.store.update_job(reservation.job_id, JobUpdate(status, None, error, stamp, stamp, time.time()),
+                                           decision)
+
+
+def _by_policy(reservation: Reservation, charge: bool, why: str, which: str, charged_basis: str,
+               released_basis: str) -> Decision:
+    """Charge the reserved figure, or release it, as a policy says; the note names why and which policy."""
+    note = f"{why}: {'charged' if charge else 'released'} by policy{' ' + which if which else ''}"
+    if charge:
+        return Decision("settle", reservation.amount_micros, reservation.seconds, reservation.resolution,
+                        charged_basis, note)
+    return Decision.release(note, reservation.seconds, reservation.resolution, released_basis)
