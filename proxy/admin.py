@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from .auth import Principal
-from .budget import global_key_for, period_key
+from .budget import PERIOD_KEY, global_key_for, period_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .money import micros_to_usd, usd_to_micros
 from .observe import TEAM
@@ -38,9 +38,6 @@ from .views import status_body
 
 logger = logging.getLogger(__name__)
 
-PERIOD_KEY = re.compile(  # matched whole (fullmatch): "2026-11\n" is not a period
-    r"total|\d{4}-(0[1-9]|1[0-2])|\d{4}-W(0[1-9]|[1-4]\d|5[0-3])|\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
-)
 MAX_PAGE = 1000
 
 # request field -> (store setting, parser)

@@ -54,6 +54,10 @@ _KEY_SHAPES = {
 }
 
 
+#: Any period key, of any kind (matched whole with ``fullmatch``: "2026-11\n" is not a period).
+PERIOD_KEY = re.compile("|".join(f"(?:{shape.pattern})" for shape in _KEY_SHAPES.values()))
+
+
 def period_start(period: str, key: str) -> datetime | None:
     """The first moment (UTC) of the ``period`` bucket named ``key``; None for ``total``.
 

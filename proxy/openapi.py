@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
-from .admin import MAX_PAGE, PERIOD_KEY
+from .admin import MAX_PAGE
+from .budget import PERIOD_KEY
 from .catalog import Catalog, FieldSpec, ModelSpec
 from .store import PERIODS
 from .store import TEAM_NAME as TEAM_NAME_RE

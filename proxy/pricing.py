@@ -73,8 +73,8 @@ class Pricer:
             seconds = params[pricing.seconds_field]
         else:
             assert pricing.seconds_from_video is not None and pricing.max_seconds is not None
-            trusted = self.prober is not None and self.trust_input_probe
-            info = await self.prober.probe(params[pricing.seconds_from_video]) if trusted and self.prober else None
+            trusted = self.prober if self.trust_input_probe else None
+            info = await trusted.probe(params[pricing.seconds_from_video]) if trusted is not None else None
             exact = False
             if info is not None:  # the real length, even above max_seconds, which is only the fallback
                 seconds, basis = info.seconds, FROM_INPUT_PROBE if basis == FROM_PARAMS else FROM_POLICY_MAX
