@@ -15,7 +15,6 @@ from typing import Any
 
 from aiohttp import web
 
-from .auth import Principal
 from .budget import PERIOD_KEY, global_key_for, period_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .money import micros_to_usd, usd_to_micros
@@ -34,6 +33,7 @@ from .store import (
     team_name_problem,
 )
 from .validate import check_content_type, parse_json
+from .values import Principal
 from .views import status_body
 
 logger = logging.getLogger(__name__)

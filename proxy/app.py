@@ -18,23 +18,29 @@ from aiohttp import web
 
 from .admin import add_admin_routes
 from .alerts import Alerts
-from .auth import Authenticate, Authenticator
-from .budget import Budget, load_budget_rules, period_key
-from .cache import Dedup, load_cache_rules
+from .auth import Authenticator
+from .budget import load_budget_rules, period_key
+from .cache import load_cache_rules
 from .catalog import Catalog, load_catalog
 from .clock import Clock
 from .config import Config, Secret
 from .errors import error_middleware
-from .forward import Forward, Record
-from .idempotency import Idempotency
 from .media import MediaStore
 from .metrics import Metrics, metrics_handler
 from .observe import observe_middleware
 from .openapi import build_openapi
 from .pipeline import Pipeline
-from .pricing import Price, Pricer
+from .pipeline.s1_authenticate import Authenticate
+from .pipeline.s2_validate import Validate
+from .pipeline.s3_ratelimit import RateLimit
+from .pipeline.s4_webhook import Webhook
+from .pipeline.s5_idempotency import Idempotency
+from .pipeline.s6_dedup import Dedup
+from .pipeline.s7_price import Price
+from .pipeline.s8_budget import Budget
+from .pipeline.s9_forward import Forward, Record
+from .pricing import Pricer
 from .probe import MediaProber
-from .ratelimit import RateLimit
 from .refresh import StatusRefresher
 from .routes import add_routes
 from .services import SERVICES, Services
@@ -44,9 +50,8 @@ from .store.factory import store_at
 from .sweeper import Sweeper
 from .tracker import Tracker
 from .upstream import Upstream
-from .validate import Validate
 from .views import TerminalAnswers
-from .webhooks import Webhook, WebhookSender, load_delivery_rules
+from .webhooks import WebhookSender, load_delivery_rules
 
 logger = logging.getLogger(__name__)
 

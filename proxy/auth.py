@@ -21,14 +21,21 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from .config import SYMMETRIC_ALGORITHMS, Config, ConfigError
 from .errors import Forbidden, Unauthorized
 from .jwks import JwksKeys, KeyNotKnown, key_problem
-from .observe import TEAM, USER
-from .pipeline import Policy, SubmitContext
 from .store import Store, Team
 from .ttlcache import TtlCache
+from .values import Principal
 
 logger = logging.getLogger(__name__)
 
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the token's principal and its team's row as the store has it now."""
+
+    principal: Principal
+    team: Team
 
 #: How long a verified token's claims are reused without checking its signature again (its expiry is checked on
 #: every request, and with a JWKS, that its key is still listed), and how many distinct tokens are remembered.
@@ -46,15 +53,6 @@ _TOKEN_PROBLEMS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.InvalidKeyError, "The token's signing key cannot verify it"),
     (Exception, "The token is malformed"),
 )
-
-
-@dataclass(frozen=True)
-class Principal:
-    """The caller a valid token names."""
-
-    user: str
-    team: str
-    admin: bool = False
 
 
 def bearer_token(headers: Any) -> str | None:
@@ -112,9 +110,9 @@ class Authenticator:
 
     async def authenticate(self, headers: Any) -> Principal:
         """The caller behind ``headers``; :class:`Unauthorized` or :class:`Forbidden` otherwise."""
-        return (await self.identify(headers))[0]
+        return (await self.identify(headers)).principal
 
-    async def identify(self, headers: Any) -> tuple[Principal, Team]:
+    async def identify(self, headers: Any) -> Caller:
         """The caller behind ``headers`` and their team as the store has it now."""
         claims = await self.verify(self.token_from(headers))
         team_claim = self.config.jwt_team_claim
@@ -126,7 +124,7 @@ class Authenticator:
         team_record = await self.store.get_team(team)
         if team_record is None:
             raise Forbidden(f"Team '{team}' is not known to this gateway")
-        return Principal(user=user, team=team, admin=claims.get("role") == "admin"), team_record
+        return Caller(Principal(user=user, team=team, admin=claims.get("role") == "admin"), team_record)
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The token's claims once signature, algorithm, expiry, issuer and audience check out.
@@ -214,17 +212,3 @@ def mint_token(config: Config, *, team: str, user: str, ttl_seconds: int, admin:
         claims["aud"] = config.jwt_audience
     algorithm = next((a for a in config.jwt_algorithms if a in SYMMETRIC_ALGORITHMS), "HS256")
     return jwt.encode(claims, config.jwt_secret.reveal(), algorithm=algorithm)
-
-
-class Authenticate(Policy):
-    """First policy: no valid token of a known team, no further work."""
-
-    name = "auth"
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self.authenticator = authenticator
-
-    async def on_request(self, ctx: SubmitContext) -> None:
-        ctx.principal, ctx.team = await self.authenticator.identify(ctx.request.headers)
-        ctx.request[TEAM] = ctx.team.name
-        ctx.request[USER] = ctx.principal.user

@@ -1,6 +1,7 @@
-"""Team budgets: periods, the budget policy file, and the pipeline policy that holds money back.
+"""Team budgets: periods and the budget policy file.
 
-The :class:`Budget` policy turns a priced request into a :class:`Hold`: how
+The ``budget`` policy (:mod:`proxy.pipeline.s8_budget`) turns a priced request into a
+:class:`~proxy.values.Hold`: how
 much to reserve, in which period, against which caps. The reservation itself
 happens in the store, in the same transaction that records the job, as a
 conditional update (``spent + reserved + estimate <= limit + credit``) on each
@@ -10,24 +11,15 @@ cannot leave a reservation without its job.
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from aiohttp import web
-
-from .clock import Clock
-from .errors import BudgetExceeded
-from .headers import MAX_COST_HEADER
 from .money import MICROS_PER_USD, micros_to_usd
-from .pipeline import Policy, SubmitContext
 from .policyfile import read_toml
-from .pricing import Estimate
-from .store import PERIODS, BudgetView, Store
-
-logger = logging.getLogger(__name__)
+from .store import PERIODS, BudgetView
+from .values import Estimate
 
 BUDGETS_FILE = "budgets.toml"
 
@@ -144,73 +136,9 @@ def load_budget_rules(policies_dir: Path) -> BudgetRules:
     return rules
 
 
-@dataclass(frozen=True)
-class Hold:
-    """What the store is asked to reserve for one job, and against which caps."""
-
-    estimate: Estimate
-    period_key: str
-    global_period_key: str
-    global_limit_micros: int | None
-
-
 def budget_headers(estimate: Estimate, view: BudgetView) -> dict[str, str]:
     return {
         "X-Proxy-Estimate-USD": micros_to_usd(estimate.amount_micros),
         "X-Proxy-Budget-Period": view.period_key,
         "X-Proxy-Budget-Remaining-USD": micros_to_usd(view.remaining_micros),
     }
-
-
-class Budget(Policy):
-    """Checks the per-request cost cap, answers dry runs, and prepares the hold."""
-
-    name = "budget"
-
-    def __init__(self, store: Store, rules: BudgetRules, clock: Clock) -> None:
-        self.store = store
-        self.rules = rules
-        self.clock = clock
-
-    async def on_request(self, ctx: SubmitContext) -> None:
-        assert ctx.estimate is not None and ctx.team is not None and ctx.principal is not None
-        estimate = ctx.estimate
-        if ctx.cost_cap is not None and estimate.amount_micros > ctx.cost_cap:
-            raise BudgetExceeded(
-                f"This request is estimated at ${micros_to_usd(estimate.amount_micros)}, over the "
-                f"{MAX_COST_HEADER} of ${ctx.request.headers[MAX_COST_HEADER].strip()}",
-                title="Cost Cap Exceeded",
-            )
-        now = self.clock.now()
-        ctx.hold = Hold(
-            estimate=estimate,
-            period_key=period_key(ctx.team.period, now),
-            global_period_key=period_key(self.rules.global_period, now),
-            global_limit_micros=self.rules.global_limit_micros,
-        )
-        if ctx.dry_run:
-            ctx.response = await self.quote(ctx)
-
-    async def quote(self, ctx: SubmitContext) -> web.StreamResponse:
-        assert ctx.hold is not None and ctx.principal is not None and ctx.team is not None
-        estimate = ctx.hold.estimate
-        check = await self.store.check_hold(ctx.principal.team, ctx.principal.user, ctx.hold)
-        view, refusal = check.budget, check.refusal
-        body = {
-            "dry_run": True,
-            "model_id": ctx.model.id,
-            "estimate_usd": micros_to_usd(estimate.amount_micros),
-            "seconds": estimate.seconds,
-            "resolution": estimate.resolution,
-            "basis": estimate.basis,
-            "team": ctx.team.name,
-            "period": view.period_key,
-            "budget_limit_usd": micros_to_usd(view.limit_micros),
-            "budget_spent_usd": micros_to_usd(view.spent_micros),
-            "budget_reserved_usd": micros_to_usd(view.reserved_micros),
-            "budget_remaining_usd": micros_to_usd(view.remaining_micros),
-            "admitted": refusal is None,
-            "reason": refusal,
-        }
-        return web.json_response(body, headers=budget_headers(estimate, view))
-

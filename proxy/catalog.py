@@ -10,57 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .money import MICROS_PER_USD
 from .policyfile import PolicyError, Section, read_toml
 from .validate import check_value
+from .values import FieldSpec, ModelSpec, Pricing
 
 MODELS_FILE = "models.toml"
 
 FIELD_KINDS = ("string", "integer", "enum", "url", "url_list")
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """One request field as the upstream's parameter table gives it."""
-
-    name: str
-    kind: str
-    required: bool = False
-    default: Any = None
-    minimum: int | None = None
-    maximum: int | None = None
-    values: tuple[str, ...] = ()
-    min_items: int = 1
-    max_items: int | None = None
-    max_length: int | None = None
-
-
-@dataclass(frozen=True)
-class Pricing:
-    """How a model's cost is known: seconds x rate[resolution], in micro-dollars."""
-
-    per_second_micros: dict[str, int]
-    seconds_field: str | None = "duration"
-    seconds_from_video: str | None = None
-    max_seconds: int | None = None
-
-    @property
-    def top_resolution(self) -> str:
-        """The resolution with the highest rate: what an unknown resolution reserves."""
-        return max(self.per_second_micros, key=lambda name: (self.per_second_micros[name], name))
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One upstream model: its submit path, fields, and pricing."""
-
-    id: str
-    title: str
-    path: str
-    fields: dict[str, FieldSpec]
-    pricing: Pricing
 
 
 @dataclass(frozen=True)

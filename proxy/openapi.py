@@ -12,10 +12,11 @@ from typing import Any
 from . import __version__
 from .admin import MAX_PAGE
 from .budget import PERIOD_KEY
-from .catalog import Catalog, FieldSpec, ModelSpec
+from .catalog import Catalog
 from .store import PERIODS
 from .store import TEAM_NAME as TEAM_NAME_RE
 from .upstream import UPSTREAM_STATUSES
+from .values import FieldSpec, ModelSpec
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 MONEY = {"type": "string", "pattern": r"^-?\d+\.\d{2,6}$"}

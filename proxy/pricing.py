@@ -15,13 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .catalog import ModelSpec, Pricing
-from .pipeline import Policy, SubmitContext
 from .probe import MediaInfo, MediaProber, read_media_file
+from .values import Estimate, ModelSpec, Pricing
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +29,6 @@ FROM_INPUT_PROBE = "input-probe"
 FROM_POLICY_MAX = "policy-max"
 FROM_OUTPUT_PROBE = "output-probe"
 FROM_RESERVATION = "reserved-figure"
-
-
-@dataclass(frozen=True)
-class Estimate:
-    amount_micros: int
-    seconds: int
-    resolution: str
-    basis: str
-    exact: bool  # known from the request alone: no need to look at the output to settle
 
 
 def price(pricing: Pricing, seconds: int, resolution: str) -> int:
@@ -99,16 +88,3 @@ class Pricer:
             return Estimate(reserved.amount_micros, reserved.seconds, reserved.resolution, FROM_RESERVATION, False)
         resolution = resolution_for(info, model.pricing) or reserved.resolution
         return Estimate(price(model.pricing, info.seconds, resolution), info.seconds, resolution, FROM_OUTPUT_PROBE, True)
-
-
-class Price(Policy):
-    """Puts the job's estimate on the context; the budget policy reserves it."""
-
-    name = "price"
-
-    def __init__(self, pricer: Pricer) -> None:
-        self.pricer = pricer
-
-    async def on_request(self, ctx: SubmitContext) -> None:
-        assert ctx.params is not None
-        ctx.estimate = await self.pricer.estimate(ctx.model, ctx.params)

@@ -7,12 +7,12 @@ from typing import Any
 
 from aiohttp import web
 
-from .catalog import ModelSpec
 from .errors import ModelNotFound, NotFound
 from .metrics import metrics_handler
 from .observe import HANDLE, MODEL, TEAM, USER
 from .pipeline import SubmitContext
 from .services import SERVICES, Services
+from .values import ModelSpec
 from .views import status_body
 
 logger = logging.getLogger(__name__)

@@ -23,8 +23,9 @@ from .catalog import Catalog
 from .media import MediaStore
 from .metrics import Metrics
 from .money import micros_to_usd
-from .pricing import FROM_PARAMS, FROM_RESERVATION, Estimate, Pricer
+from .pricing import FROM_PARAMS, FROM_RESERVATION, Pricer
 from .store import TERMINAL_STATUSES, Decision, JobUpdate, Reservation, Store
+from .values import Estimate
 
 logger = logging.getLogger(__name__)
 

@@ -39,11 +39,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .catalog import Catalog, ModelSpec
+from .catalog import Catalog
 from .clock import iso_utc, new_request_id
 from .errors import BadRequest, ModelNotFound, ProxyError, error_response
 from .sim_media import build_mp4
 from .validate import check_content_type, normalize, parse_json
+from .values import ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -11,17 +11,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from .errors import BadRequest, PayloadTooLarge
-from .headers import asks_cache_bypass, cost_cap, is_dry_run
-from .pipeline import Policy, SubmitContext
-
-if TYPE_CHECKING:
-    from .catalog import FieldSpec, ModelSpec
+from .values import FieldSpec, ModelSpec
 
 MAX_URL_LENGTH = 2048
 
@@ -176,19 +172,3 @@ async def read_json_body(request: web.Request, max_bytes: int) -> Any:
             raise PayloadTooLarge(f"The request body is larger than {max_bytes} bytes")
         chunks.append(chunk)
     return parse_json(b"".join(chunks))
-
-
-class Validate(Policy):
-    """Second policy: the body becomes normalized params, or the request is refused with 400/413."""
-
-    name = "validate"
-
-    def __init__(self, max_body_bytes: int) -> None:
-        self.max_body_bytes = max_body_bytes
-
-    async def on_request(self, ctx: SubmitContext) -> None:
-        ctx.dry_run = is_dry_run(ctx.request.headers)  # the gateway's own headers, before anything can answer
-        ctx.cost_cap = cost_cap(ctx.request.headers)
-        ctx.cache_bypass = asks_cache_bypass(ctx.request.headers)
-        body = await read_json_body(ctx.request, self.max_body_bytes)
-        ctx.params = normalize(ctx.model, body)

@@ -1,6 +1,6 @@
 """Client webhooks: ``X-Webhook-URL`` / ``X-Webhook-Mode``, delivered by the gateway itself.
 
-At submit (:class:`Webhook` policy) the URL must be https and every address
+At submit (the ``webhook`` policy, :mod:`proxy.pipeline.s4_webhook`) the URL must be https and every address
 its host resolves to public (no loopback, private, link-local, CGNAT,
 multicast or metadata addresses, IPv4-mapped forms included);
 ``PROXY_WEBHOOK_ALLOW_PRIVATE=1`` lifts both rules for local development.
@@ -40,7 +40,6 @@ from .errors import BadRequest
 from .headers import retry_after as retry_after_header
 from .metrics import Metrics
 from .netguard import BlockedAddress, check_literal_host, is_public_address, literal_address, outbound_session
-from .pipeline import Policy, SubmitContext
 from .policyfile import read_toml
 from .store import SECRET_PREFIX, Delivery, Store
 from .validate import url_problem
@@ -92,16 +91,21 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
 
 
-async def check_target(url: str, *, allow_private: bool) -> None:
-    """Refuse a webhook URL that is not https or whose host is, or resolves to, a non-public address."""
+def check_target_form(url: str, *, allow_private: bool) -> None:
+    """Refuse a webhook URL that is not a well-formed https URL (any scheme http(s) when private targets are allowed)."""
     problem = url_problem(url)
     if problem:
         raise BadRequest(f"{URL_HEADER} {problem}")
+    if not allow_private and urlsplit(url).scheme != "https":
+        raise BadRequest(f"{URL_HEADER} must be an https:// URL")
+
+
+async def check_target(url: str, *, allow_private: bool) -> None:
+    """Refuse a webhook URL that is malformed, or whose host is or resolves to a non-public address."""
+    check_target_form(url, allow_private=allow_private)
     if allow_private:
         return
     parts = urlsplit(url)
-    if parts.scheme != "https":
-        raise BadRequest(f"{URL_HEADER} must be an https:// URL")
     host = parts.hostname or ""
     literal = literal_address(host)
     if literal is not None:
@@ -117,26 +121,6 @@ async def check_target(url: str, *, allow_private: bool) -> None:
         raise BadRequest(f"{URL_HEADER} host {host} cannot be resolved") from None
     if not answers or any(not is_public_address(str(answer[4][0])) for answer in answers):
         raise BadRequest(f"{URL_HEADER} must point at a public address; {host} resolves to a private one")
-
-
-class Webhook(Policy):
-    """Reads and checks the webhook headers of a submit."""
-
-    name = "webhook"
-
-    def __init__(self, allow_private: bool) -> None:
-        self.allow_private = allow_private
-
-    async def on_request(self, ctx: SubmitContext) -> None:
-        mode = ctx.request.headers.get(MODE_HEADER, "terminal").strip().lower()
-        if mode not in ("terminal", "sync"):
-            raise BadRequest(f"{MODE_HEADER} must be terminal or sync")
-        url = ctx.request.headers.get(URL_HEADER)
-        if url is None:
-            return
-        url = url.strip()
-        await check_target(url, allow_private=self.allow_private)
-        ctx.webhook_url, ctx.webhook_mode = url, mode
 
 
 def _target(url: str) -> str:

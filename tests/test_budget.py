@@ -154,6 +154,23 @@ async def test_the_per_request_cost_cap(gateway: Gateway, simulator: Simulator) 
     assert [row[0] for row in gateway.ledger_rows("kind")] == ["reserve"]
 
 
+async def test_a_bad_money_header_is_refused_before_a_replay_or_a_shared_job_can_answer(gateway: Gateway,
+                                                                                       simulator: Simulator) -> None:
+    """Each header is parsed by the policy that owns it, but all of them before any policy may answer."""
+    first = await gateway.submit(headers=auth() | {"Idempotency-Key": "k1"})
+    replay = await gateway.submit(headers=auth() | {"Idempotency-Key": "k1", "X-Max-Cost-USD": "lots"})
+    twin = await gateway.submit(headers=auth() | {"X-Max-Cost-USD": "0,50"})
+    quote_with_bad_key = await gateway.submit(headers=auth() | {"X-Proxy-Dry-Run": "1", "Idempotency-Key": "\u00e9"})
+
+    assert first[0] == 202
+    assert replay[:2] == twin[:2] == (400, {"error": "Bad Request",
+                                            "message": "X-Max-Cost-USD must be an amount in USD, e.g. 0.50"})
+    assert quote_with_bad_key[:2] == (400, {"error": "Bad Request",
+                                            "message": "Idempotency-Key must be 1 to 255 printable ASCII characters"})
+    assert len(simulator.calls_of("submit")) == 1
+    assert gateway.ledger_rows("kind") == [("reserve",)]
+
+
 async def test_a_per_user_cap_within_the_team(start_gateway, simulator: Simulator) -> None:
     gateway = await start_gateway(teams={"design": {"budget_limit_micros": 10_000_000, "user_cap_micros": 840_000}})
     alice = auth(user="alice")

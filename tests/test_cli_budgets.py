@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.budget import BudgetRules, Hold, period_key
+from proxy.budget import BudgetRules, period_key
 from proxy.clock import Clock
-from proxy.pricing import Estimate
 from proxy.store import Decision, JobUpdate, Submission
 from proxy.store.sqlite import SQLiteStore
+from proxy.values import Estimate, Hold
 from tests.conftest import JWT_SECRET, POLICIES, ROOT
 
 

@@ -11,10 +11,9 @@ import re
 import sqlite3
 from pathlib import Path
 
-from proxy.budget import Hold
-from proxy.pricing import Estimate
 from proxy.store import Decision, IdempotencyRecord, JobUpdate, Saving, Submission
 from proxy.store.sqlite import SQLiteStore
+from proxy.values import Estimate, Hold
 
 GROWING_TABLES = ("ledger", "jobs", "handles", "reservations", "idempotency_keys", "outbox")
 SCAN = re.compile(r"\bSCAN (" + "|".join(GROWING_TABLES) + r")\b")

@@ -11,14 +11,12 @@ transaction.
 from __future__ import annotations
 
 import sqlite3
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import BudgetExceeded, TooManyRequests
 from ..money import micros_to_usd
+from ..values import Hold
 from . import BudgetView, Decision, EntryRefused, LedgerEntry, SoftAlert, Team
-
-if TYPE_CHECKING:
-    from ..budget import Hold
 
 GLOBAL_SCOPE = "global"
 CONCURRENCY_RETRY_AFTER_SECONDS = 5

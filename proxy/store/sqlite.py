@@ -33,10 +33,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from ..clock import iso_utc
 from ..ttlcache import TtlCache
+from ..values import Hold
 from ..views import status_body
 from . import (
     TERMINAL_STATUSES,
@@ -66,9 +67,6 @@ from . import (
 from .checkpoint import WAL_SIZE_LIMIT, Checkpointer
 from .migrations import MIGRATIONS
 from .writer import GroupCommitWriter
-
-if TYPE_CHECKING:
-    from ..budget import Hold
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

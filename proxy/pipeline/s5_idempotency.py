@@ -1,4 +1,4 @@
-"""``Idempotency-Key`` on a submit, after the IETF httpapi idempotency-key draft.
+"""Fifth: ``Idempotency-Key`` on a submit, after the IETF httpapi idempotency-key draft.
 
 * The key (a string of 1-255 printable ASCII characters, quoted as a
   structured-field string or bare) is scoped to the caller: team and user.
@@ -21,12 +21,11 @@ import hashlib
 import re
 from datetime import timedelta
 
-from .clock import Clock, iso_utc
-from .errors import BadRequest, Conflict, UnprocessableContent
-from .forward import accepted
-from .pipeline import Policy, SubmitContext
-from .store import UNKNOWN_OUTCOME, IdempotencyRecord, Store
-from .validate import canonical_json
+from ..clock import Clock, iso_utc
+from ..errors import BadRequest, Conflict, UnprocessableContent
+from ..store import UNKNOWN_OUTCOME, IdempotencyRecord, Store
+from ..validate import canonical_json
+from . import Policy, SubmitContext, accepted
 
 HEADER = "Idempotency-Key"
 KEY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}$")
@@ -51,13 +50,17 @@ class Idempotency(Policy):
         self.public_url = public_url.rstrip("/")
         self.in_flight: set[tuple[str, str, str]] = set()
 
-    async def on_request(self, ctx: SubmitContext) -> None:
+    async def on_headers(self, ctx: SubmitContext) -> None:
         raw = ctx.request.headers.get(HEADER)
-        if raw is None or ctx.dry_run:
+        if raw is not None:
+            ctx.idempotency_key = parse_key(raw)
+
+    async def on_request(self, ctx: SubmitContext) -> None:
+        key = ctx.idempotency_key
+        if key is None or ctx.dry_run:
             return
-        assert ctx.principal is not None and ctx.params is not None
-        key = parse_key(raw)
-        scope = (ctx.principal.team, ctx.principal.user, key)
+        principal = ctx.caller.principal
+        scope = (principal.team, principal.user, key)
         request_hash = hashlib.sha256(f"{ctx.model.id}\n{canonical_json(ctx.params)}".encode()).hexdigest()
         if scope in self.in_flight:
             raise Conflict(f"A request with this {HEADER} is still being processed; retry shortly")

@@ -1,4 +1,4 @@
-"""Per-team submits per minute (``max_submits_per_minute``), answered 429 with ``Retry-After``.
+"""Third: per-team submits per minute (``max_submits_per_minute``), answered 429 with ``Retry-After``.
 
 It runs right after validation, before anything that costs the gateway work
 or space: the webhook target's DNS lookup, idempotency and cache look-ups,
@@ -19,8 +19,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .errors import TooManyRequests
-from .pipeline import Policy, SubmitContext
+from ..errors import TooManyRequests
+from . import Policy, SubmitContext
 
 WINDOW_SECONDS = 60.0
 #: Dry runs a team may make per minute, as a multiple of its submits per minute.
@@ -35,21 +35,21 @@ class RateLimit(Policy):
         self.windows: dict[tuple[str, bool], deque[float]] = {}
 
     async def on_request(self, ctx: SubmitContext) -> None:
-        assert ctx.team is not None
-        limit = ctx.team.max_submits_per_minute
+        team = ctx.caller.team
+        limit = team.max_submits_per_minute
         if limit is None:
             return
         if ctx.dry_run:
             limit *= DRY_RUN_FACTOR
         now = self.monotonic()
-        window = self.windows.setdefault((ctx.team.name, ctx.dry_run), deque())
+        window = self.windows.setdefault((team.name, ctx.dry_run), deque())
         while window and window[0] <= now - WINDOW_SECONDS:
             window.popleft()
         if len(window) >= limit:
             retry_after = max(1, math.ceil(window[0] + WINDOW_SECONDS - now))
             what = "dry runs" if ctx.dry_run else "requests"
             raise TooManyRequests(
-                f"Team '{ctx.team.name}' may submit {limit} {what} per minute; retry in {retry_after} s",
+                f"Team '{team.name}' may submit {limit} {what} per minute; retry in {retry_after} s",
                 headers={"Retry-After": str(retry_after)},
             )
         window.append(now)
