@@ -34,3 +34,25 @@ async def test_an_open_reservation_without_its_total_is_reported(gateway: Gatewa
         connection.execute("UPDATE budget_totals SET reserved_micros = 0 WHERE scope = 'team:design'")
 
     assert any(line.startswith("team:design") for line in await ledger_mismatches(db))
+
+
+@pytest.mark.parametrize(("statement", "reported"), [
+    ("UPDATE spend_rollup SET spent_micros = spent_micros + 1", "metrics rollup design/"),
+    ("UPDATE spend_rollup SET saved_micros = saved_micros + 1", "metrics rollup design/"),
+    ("DELETE FROM spend_rollup", "metrics rollup design/"),
+    ("UPDATE job_counts SET jobs = jobs + 1 WHERE status = 'COMPLETED'", "job count "),
+    ("DELETE FROM job_counts", "job count "),
+])
+async def test_a_drifted_metrics_rollup_is_reported(gateway: Gateway, statement: str, reported: str) -> None:
+    same = {"prompt": "a lighthouse"}
+    assert (await gateway.submit(body=same))[0] == 202
+    assert (await gateway.submit(body=same))[0] == 202  # a cache answer for the same request: a saving row
+    await until(lambda: sorted(k for (k,) in gateway.ledger_rows("kind")) == ["reserve", "saving", "settle"])
+    db = gateway.db_path
+    assert await ledger_mismatches(db) == []
+
+    with sqlite3.connect(db) as connection:
+        connection.execute(statement)
+    found = await ledger_mismatches(db)
+
+    assert len(found) >= 1 and all(line.startswith(reported) for line in found), found

@@ -63,6 +63,7 @@ async def hot_paths(store: TracedStore) -> None:
     await store.purge_idempotency("2026-11-25T00:00:00.000000Z")
     await store.budget_view("design", "2026-11")
     await store.check_hold("design", "alice", hold)
+    await store.metric_figures({"design": "2026-11"})  # every /metrics scrape
 
 
 async def test_hot_path_statements_use_indexes(tmp_path: Path) -> None:

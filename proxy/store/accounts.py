@@ -276,4 +276,30 @@ def mismatches(db: sqlite3.Connection) -> list[str]:
             if (spent, reserved, credit) != (l_spent, l_reserved, l_credit):
                 found.append(f"{scope} {key}: totals spent={spent} reserved={reserved} credit={credit}, "
                              f"ledger spent={l_spent} reserved={l_reserved} credit={l_credit}")
+    for team, model, spent, saved, l_spent, l_saved in db.execute(ROLLUP_MISMATCHES):
+        found.append(f"metrics rollup {team}/{model}: spent={spent} saved={saved}, ledger spent={l_spent} saved={l_saved}")
+    for model, status, jobs, counted in db.execute(JOB_COUNT_MISMATCHES):
+        found.append(f"job count {model}/{status}: {jobs} counted, {counted} jobs")
     return found
+
+
+#: The /metrics rollups against what they summarise, both ways round (a row missing on either side is a mismatch).
+ROLLUP_MISMATCHES = """
+    WITH l AS (SELECT team, COALESCE(model, '') AS model,
+                      SUM(CASE WHEN kind = 'settle' THEN spent_delta ELSE 0 END) AS spent,
+                      SUM(CASE WHEN kind = 'saving' THEN saved_micros ELSE 0 END) AS saved
+               FROM ledger WHERE kind IN ('settle', 'saving') GROUP BY team, COALESCE(model, '')),
+         both_sides AS (SELECT team, model FROM l UNION SELECT team, model FROM spend_rollup)
+    SELECT b.team, b.model, r.spent_micros, r.saved_micros, l.spent, l.saved FROM both_sides b
+    LEFT JOIN spend_rollup r ON r.team = b.team AND r.model = b.model
+    LEFT JOIN l ON l.team = b.team AND l.model = b.model
+    WHERE COALESCE(r.spent_micros, 0) != COALESCE(l.spent, 0) OR COALESCE(r.saved_micros, 0) != COALESCE(l.saved, 0)
+"""
+JOB_COUNT_MISMATCHES = """
+    WITH j AS (SELECT model, status, COUNT(*) AS jobs FROM jobs GROUP BY model, status),
+         both_sides AS (SELECT model, status FROM j UNION SELECT model, status FROM job_counts)
+    SELECT b.model, b.status, COALESCE(c.jobs, 0), COALESCE(j.jobs, 0) FROM both_sides b
+    LEFT JOIN job_counts c ON c.model = b.model AND c.status = b.status
+    LEFT JOIN j ON j.model = b.model AND j.status = b.status
+    WHERE COALESCE(c.jobs, 0) != COALESCE(j.jobs, 0)
+"""

@@ -149,4 +149,45 @@ MIGRATIONS: list[str] = [
     CREATE INDEX ledger_job ON ledger (job_id) WHERE job_id IS NOT NULL;
     CREATE INDEX jobs_running ON jobs (checked_at) WHERE status IN ('QUEUED', 'PROCESSING') AND upstream_id IS NOT NULL;
     """,
+    # 6: /metrics reads running totals instead of summing the ledger and counting jobs on every scrape. Triggers
+    # keep them in the transaction of the row they count, so they cannot drift; ledger_mismatches checks them.
+    """
+    CREATE TABLE spend_rollup (
+        team TEXT NOT NULL,
+        model TEXT NOT NULL,
+        spent_micros INTEGER NOT NULL DEFAULT 0,
+        saved_micros INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (team, model)
+    );
+    INSERT INTO spend_rollup (team, model, spent_micros, saved_micros)
+        SELECT team, COALESCE(model, ''), SUM(CASE WHEN kind = 'settle' THEN spent_delta ELSE 0 END),
+               SUM(CASE WHEN kind = 'saving' THEN saved_micros ELSE 0 END)
+        FROM ledger WHERE kind IN ('settle', 'saving') GROUP BY team, COALESCE(model, '');
+    CREATE TRIGGER ledger_rollup AFTER INSERT ON ledger WHEN new.kind IN ('settle', 'saving')
+    BEGIN
+        INSERT INTO spend_rollup (team, model, spent_micros, saved_micros)
+            VALUES (new.team, COALESCE(new.model, ''), CASE WHEN new.kind = 'settle' THEN new.spent_delta ELSE 0 END,
+                    CASE WHEN new.kind = 'saving' THEN new.saved_micros ELSE 0 END)
+            ON CONFLICT (team, model) DO UPDATE SET spent_micros = spent_micros + excluded.spent_micros,
+                                                    saved_micros = saved_micros + excluded.saved_micros;
+    END;
+    CREATE TABLE job_counts (
+        model TEXT NOT NULL,
+        status TEXT NOT NULL,
+        jobs INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (model, status)
+    );
+    INSERT INTO job_counts (model, status, jobs) SELECT model, status, COUNT(*) FROM jobs GROUP BY model, status;
+    CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs
+    BEGIN
+        INSERT INTO job_counts (model, status, jobs) VALUES (new.model, new.status, 1)
+            ON CONFLICT (model, status) DO UPDATE SET jobs = jobs + 1;
+    END;
+    CREATE TRIGGER jobs_count_update AFTER UPDATE OF status ON jobs WHEN new.status IS NOT old.status
+    BEGIN
+        UPDATE job_counts SET jobs = jobs - 1 WHERE model = old.model AND status = old.status;
+        INSERT INTO job_counts (model, status, jobs) VALUES (new.model, new.status, 1)
+            ON CONFLICT (model, status) DO UPDATE SET jobs = jobs + 1;
+    END;
+    """,
 ]

@@ -566,16 +566,18 @@ class SQLiteStore:
                 return db.execute(sql).fetchall()
 
             figures: dict[str, list[tuple[dict[str, str], float]]] = {}
-            figures["pixazo_proxy_spent_usd"] = [
-                ({"team": team, "model": model}, total / usd) for team, model, total in rows(
-                    "SELECT team, model, SUM(spent_delta) FROM ledger WHERE kind = 'settle' GROUP BY team, model")]
+            spend = rows("SELECT team, model, spent_micros, saved_micros FROM spend_rollup ORDER BY team, model")
+            figures["pixazo_proxy_spent_usd"] = [({"team": team, "model": model}, spent / usd)
+                                                 for team, model, spent, _ in spend if spent]
             figures["pixazo_proxy_reserved_usd"] = [
                 ({"team": team, "model": model}, total / usd) for team, model, total in rows(
                     "SELECT team, model, SUM(amount_micros) FROM reservations WHERE state = 'open' "
                     "GROUP BY team, model")]
-            figures["pixazo_proxy_cache_saved_usd"] = [
-                ({"team": team}, total / usd) for team, total in rows(
-                    "SELECT team, SUM(saved_micros) FROM ledger WHERE kind = 'saving' GROUP BY team")]
+            saved: dict[str, int] = {}
+            for team, _, _, saving in spend:
+                if saving:
+                    saved[team] = saved.get(team, 0) + saving
+            figures["pixazo_proxy_cache_saved_usd"] = [({"team": team}, total / usd) for team, total in saved.items()]
             limits, used, remaining = [], [], []
             for team, key in sorted(period_keys.items()):
                 view = accounts.budget_view(db, self._team_in(db, team), key)
@@ -586,14 +588,11 @@ class SQLiteStore:
             figures["pixazo_proxy_budget_limit_usd"] = limits
             figures["pixazo_proxy_budget_used_usd"] = used
             figures["pixazo_proxy_budget_remaining_usd"] = remaining
-            figures["pixazo_proxy_jobs_in_flight"] = [
-                ({"model": model, "status": status}, count) for model, status, count in rows(
-                    "SELECT model, status, COUNT(*) FROM jobs "
-                    "WHERE status IN ('SUBMITTING', 'INDETERMINATE', 'QUEUED', 'PROCESSING') "
-                    "GROUP BY model, status")]
-            figures["pixazo_proxy_jobs_finished"] = [
-                ({"model": model, "status": status}, count) for model, status, count in rows(
-                    f"SELECT model, status, COUNT(*) FROM jobs WHERE status IN {_TERMINAL} GROUP BY model, status")]
+            counts = rows("SELECT model, status, jobs FROM job_counts WHERE jobs > 0 ORDER BY model, status")
+            figures["pixazo_proxy_jobs_in_flight"] = [({"model": model, "status": status}, count)
+                                                      for model, status, count in counts if status not in TERMINAL_STATUSES]
+            figures["pixazo_proxy_jobs_finished"] = [({"model": model, "status": status}, count)
+                                                     for model, status, count in counts if status in TERMINAL_STATUSES]
             (depth,) = db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()
             figures["pixazo_proxy_webhook_outbox_depth"] = [({}, depth)]
             return figures
@@ -643,5 +642,15 @@ def _reservation(row: Any) -> Reservation:
 
 
 def _statements(script: str) -> list[str]:
-    """Split a migration script into statements (migrations hold no ';' inside literals)."""
-    return [statement.strip() for statement in script.split(";") if statement.strip()]
+    """Split a migration script into whole statements (a trigger's body holds ';' of its own)."""
+    statements: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        raise ValueError(f"a migration ends inside a statement: {pending.strip()[:80]}")
+    return statements

@@ -40,6 +40,17 @@ SECRET = "bench-jwt-secret-0123456789-abcdefghijkl"
 T2V = "grok-imagine-video-text-to-video"
 SUBMIT = f"/{T2V}/v1/{T2V}-request"
 CONCURRENCY = (1, 16, 64)
+#: The growth table's cells: name, path, method, fixed body ("" = a new one each request), connections.
+GROWTH_CELLS = (
+    ("status", "/v2/requests/status/{done}", "GET", "", 16),
+    ("running", "/v2/requests/status/{running}", "GET", "", 16),
+    ("submit", SUBMIT, "POST", "", 16),
+    ("hit", SUBMIT, "POST", '{"prompt": "done via gateway"}', 16),
+    ("coalesced", SUBMIT, "POST", '{"prompt": "running via gateway"}', 16),
+    ("scrape", "/metrics", "GET", "", 1),
+)
+GROWTH_TITLES = ("status terminal ms (p50 / p99)", "status in flight ms (p50 / p99)", "submit MISS ms (p50 / p99)",
+                 "submit HIT ms (p50 / p99)", "submit COALESCED ms (p50 / p99)", "/metrics scrape ms (p50 / p99)")
 PACED = 8
 
 
@@ -77,9 +88,9 @@ class Server:
 
 
 def wrk(base: str, path: str, key: str, method: str, connections: int, seconds: int,
-        delay_ms: float = 0.0) -> dict[str, float]:
+        delay_ms: float = 0.0, body: str = "") -> dict[str, float]:
     env = {**os.environ, "BENCH_PATH": path, "BENCH_KEY": key, "BENCH_METHOD": method,
-           "BENCH_DELAY_MS": f"{delay_ms:.3f}"}
+           "BENCH_DELAY_MS": f"{delay_ms:.3f}", "BENCH_BODY": body}
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(SCRIPT), base],
                          capture_output=True, text=True, env=env, check=True).stdout
 
@@ -180,6 +191,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
     parser.add_argument("--repeat", type=int, default=3, help="rounds per cell, interleaved; the table gives medians")
     parser.add_argument("--skip-growth", action="store_true")
+    parser.add_argument("--only-growth", action="store_true", help="just the table with rows already in the store")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
                         help="event loop of all three servers (uvloop needs pixazo-proxy[fast])")
     args = parser.parse_args()
@@ -227,58 +239,59 @@ def main() -> None:
                                          "pass-through": f"/v2/requests/status/{done_upstream}",
                                          "gateway": f"/v2/requests/status/{done_handle}"}),
         }
-        rows, paced, floor = [], [], []
-        for scenario, (method, paths) in scenarios.items():
-            saturation = 0.0
-            for connections in CONCURRENCY:
-                names = [*targets, "durable"] if scenario == "submit" else list(targets)
-                runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-                for _ in range(args.repeat):  # interleaved rounds, medians: one noisy cell decides nothing
-                    for name in names:
-                        drain(db, running_handle)  # the tracker's backlog from the last gateway cell, not charged here
-                        base, key = (durable.url, KEY) if name == "durable" else targets[name]
-                        path = SUBMIT if name == "durable" else paths[name]
-                        runs[name].append(wrk(base, path, key, method, connections, args.seconds))
-                results = {name: median(found) for name, found in runs.items()}
-                d, p, g = results["direct"], results["pass-through"], results["gateway"]
-                saturation = max(saturation, g["rps"])
-                rows.append([scenario, str(connections)] + [f"{r['rps']:.0f}" for r in (d, p, g)]
-                            + [f"{r['p50']:.2f} / {r['p99']:.2f}" for r in (d, p, g)]
-                            + [f"{g['rps'] / p['rps']:.2f}", f"{g['p50'] - d['p50']:+.2f} / {g['p99'] - d['p99']:+.2f}",
-                               str(sum(r["errors"] for r in (d, p, g)))])
-                print(rows[-1], flush=True)
-                if scenario == "submit":  # the floor for any proxy that must not lose a submit
-                    f = results["durable"]
-                    floor.append([str(connections), f"{p['rps']:.0f}", f"{f['rps']:.0f}", f"{g['rps']:.0f}",
-                                  f"{f['p50']:.2f} / {f['p99']:.2f}", f"{f['rps'] / p['rps']:.2f}",
-                                  f"{g['rps'] / f['rps']:.2f}", f"{f['p50'] - d['p50']:+.2f}", str(f["errors"])])
-                    print(floor[-1], flush=True)
-            # half of the gateway's saturation: PACED connections, each pausing so together they offer that rate
-            target = saturation / 2
-            delay = 1000.0 * PACED / target
-            drain(db, running_handle)
-            d, g = (wrk(targets[name][0], paths[name], targets[name][1], method, PACED, args.seconds, delay)
-                    for name in ("direct", "gateway"))
-            paced.append([scenario, f"{target:.0f}", f"{d['rps']:.0f} / {g['rps']:.0f}",
-                          f"{d['p50']:.2f} / {d['p99']:.2f}", f"{g['p50']:.2f} / {g['p99']:.2f}",
-                          f"{g['p50'] - d['p50']:+.2f} / {g['p99'] - d['p99']:+.2f}", str(d["errors"] + g["errors"])])
-            print(paced[-1], flush=True)
-        lines += ["### Throughput (req/s) and latency (p50 / p99, ms)", "", table(rows, [
-            "scenario", "conns", "direct", "pass-through", "gateway", "direct ms", "pass-through ms", "gateway ms",
-            "gateway / pass-through", "added over direct ms (p50 / p99)", "non-2xx"]), ""]
-        lines += ["### The floor for a submit that must not be lost", "",
-                  "`durable` is the pass-through plus the two durable writes any proxy that must not lose a paid "
-                  "job makes per submit: a record before the upstream call and the upstream's answer after it, "
-                  "through the gateway's own group-commit writer and checkpoint thread (WAL, synchronous=FULL), "
-                  "nothing else (`tests/bench/servers.py`). Measured in the same rounds as the row above.", "",
-                  table(floor, ["conns", "pass-through req/s", "durable req/s", "gateway req/s", "durable ms (p50 / p99)",
-                                "durable / pass-through", "gateway / durable", "durable added over direct, p50 ms",
-                                "non-2xx"]), ""]
-        lines += ["### Added latency at half of the gateway's saturation", "",
-                  f"{PACED} connections, each pausing between requests so that together they offer half the "
-                  "gateway's best throughput above; direct gets the same pacing.", "", table(paced, [
-                      "scenario", "offered req/s", "achieved req/s (direct / gateway)", "direct ms (p50 / p99)",
-                      "gateway ms (p50 / p99)", "added ms (p50 / p99)", "non-2xx"]), ""]
+        if not args.only_growth:
+            rows, paced, floor = [], [], []
+            for scenario, (method, paths) in scenarios.items():
+                saturation = 0.0
+                for connections in CONCURRENCY:
+                    names = [*targets, "durable"] if scenario == "submit" else list(targets)
+                    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+                    for _ in range(args.repeat):  # interleaved rounds, medians: one noisy cell decides nothing
+                        for name in names:
+                            drain(db, running_handle)  # the tracker's backlog from the last gateway cell, not charged here
+                            base, key = (durable.url, KEY) if name == "durable" else targets[name]
+                            path = SUBMIT if name == "durable" else paths[name]
+                            runs[name].append(wrk(base, path, key, method, connections, args.seconds))
+                    results = {name: median(found) for name, found in runs.items()}
+                    d, p, g = results["direct"], results["pass-through"], results["gateway"]
+                    saturation = max(saturation, g["rps"])
+                    rows.append([scenario, str(connections)] + [f"{r['rps']:.0f}" for r in (d, p, g)]
+                                + [f"{r['p50']:.2f} / {r['p99']:.2f}" for r in (d, p, g)]
+                                + [f"{g['rps'] / p['rps']:.2f}", f"{g['p50'] - d['p50']:+.2f} / {g['p99'] - d['p99']:+.2f}",
+                                   str(sum(r["errors"] for r in (d, p, g)))])
+                    print(rows[-1], flush=True)
+                    if scenario == "submit":  # the floor for any proxy that must not lose a submit
+                        f = results["durable"]
+                        floor.append([str(connections), f"{p['rps']:.0f}", f"{f['rps']:.0f}", f"{g['rps']:.0f}",
+                                      f"{f['p50']:.2f} / {f['p99']:.2f}", f"{f['rps'] / p['rps']:.2f}",
+                                      f"{g['rps'] / f['rps']:.2f}", f"{f['p50'] - d['p50']:+.2f}", str(f["errors"])])
+                        print(floor[-1], flush=True)
+                # half of the gateway's saturation: PACED connections, each pausing so together they offer that rate
+                target = saturation / 2
+                delay = 1000.0 * PACED / target
+                drain(db, running_handle)
+                d, g = (wrk(targets[name][0], paths[name], targets[name][1], method, PACED, args.seconds, delay)
+                        for name in ("direct", "gateway"))
+                paced.append([scenario, f"{target:.0f}", f"{d['rps']:.0f} / {g['rps']:.0f}",
+                              f"{d['p50']:.2f} / {d['p99']:.2f}", f"{g['p50']:.2f} / {g['p99']:.2f}",
+                              f"{g['p50'] - d['p50']:+.2f} / {g['p99'] - d['p99']:+.2f}", str(d["errors"] + g["errors"])])
+                print(paced[-1], flush=True)
+            lines += ["### Throughput (req/s) and latency (p50 / p99, ms)", "", table(rows, [
+                "scenario", "conns", "direct", "pass-through", "gateway", "direct ms", "pass-through ms", "gateway ms",
+                "gateway / pass-through", "added over direct ms (p50 / p99)", "non-2xx"]), ""]
+            lines += ["### The floor for a submit that must not be lost", "",
+                      "`durable` is the pass-through plus the two durable writes any proxy that must not lose a paid "
+                      "job makes per submit: a record before the upstream call and the upstream's answer after it, "
+                      "through the gateway's own group-commit writer and checkpoint thread (WAL, synchronous=FULL), "
+                      "nothing else (`tests/bench/servers.py`). Measured in the same rounds as the row above.", "",
+                      table(floor, ["conns", "pass-through req/s", "durable req/s", "gateway req/s", "durable ms (p50 / p99)",
+                                    "durable / pass-through", "gateway / durable", "durable added over direct, p50 ms",
+                                    "non-2xx"]), ""]
+            lines += ["### Added latency at half of the gateway's saturation", "",
+                      f"{PACED} connections, each pausing between requests so that together they offer half the "
+                      "gateway's best throughput above; direct gets the same pacing.", "", table(paced, [
+                          "scenario", "offered req/s", "achieved req/s (direct / gateway)", "direct ms (p50 / p99)",
+                          "gateway ms (p50 / p99)", "added ms (p50 / p99)", "non-2xx"]), ""]
 
         if not args.skip_growth:
             growth = []
@@ -289,40 +302,39 @@ def main() -> None:
                 fill(db, total - present)
                 gateway = start_gateway(db, simulator.url, args.loop)
                 drain(db, running_handle)
-                cells: dict[str, list[dict[str, float]]] = {"status": [], "running": [], "submit": []}
+                cells: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in GROWTH_CELLS}
                 for _ in range(args.repeat):
                     drain(db, running_handle)
-                    for name, path, method in (("status", f"/v2/requests/status/{done_handle}", "GET"),
-                                               ("running", f"/v2/requests/status/{running_handle}", "GET"),
-                                               ("submit", SUBMIT, "POST")):
-                        cells[name].append(wrk(gateway.url, path, token, method, 16, args.seconds))
-                status, running, submit = (median(cells[name]) for name in ("status", "running", "submit"))
+                    for name, path, method, body, connections in GROWTH_CELLS:
+                        path = path.format(done=done_handle, running=running_handle)
+                        cells[name].append(wrk(gateway.url, path, token, method, connections, args.seconds, body=body))
+                found = {name: median(runs) for name, runs in cells.items()}
                 started = time.perf_counter()
                 cli("spend", "report", "--team", "bench", "--period", "2026-10", "--format", "json", db=db)
                 report = time.perf_counter() - started
-                growth.append([f"{total:,}", f"{status['p50']:.2f} / {status['p99']:.2f}",
-                               f"{running['p50']:.2f} / {running['p99']:.2f}",
-                               f"{submit['p50']:.2f} / {submit['p99']:.2f}", f"{report:.2f}"])
+                growth.append([f"{total:,}"] + [f"{found[name]['p50']:.2f} / {found[name]['p99']:.2f}"
+                                                for name, *_ in GROWTH_CELLS] + [f"{report:.2f}"])
                 print(growth[-1], flush=True)
-            lines += ["### With rows already in the store (16 connections, medians of the same rounds)", "",
+            lines += ["### With rows already in the store (medians of the same rounds)", "",
                       "A finished job's answer is kept in memory after its first poll, so the terminal column "
-                      "shows the steady state of polling one; the in-flight column reads the store on every poll.",
-                      "", table(growth, [
-                          "rows (jobs, handles, ledger)", "status terminal ms (p50 / p99)",
-                          "status in flight ms (p50 / p99)", "submit ms (p50 / p99)",
-                          "spend report over those ledger rows, s (CLI, process start included)"]), ""]
+                      "shows the steady state of polling one; the in-flight column reads the store on every poll. "
+                      "HIT submits send the finished job's body (a new handle on it, a saving row), COALESCED ones "
+                      "the running job's; the scrape is one Prometheus scraper (1 connection).",
+                      "", table(growth, ["rows (jobs, handles, ledger)"] + list(GROWTH_TITLES)
+                                + ["spend report over those ledger rows, s (CLI, process start included)"]), ""]
 
-        gateway.stop()
-        fresh = work / "memory.db"
-        cli("teams", "create", "bench", "--budget", "1000000000", db=fresh)
-        post(simulator.url + "/_simulator/settings", {"queued_seconds": 3600}, upstream_key)
-        gateway = start_gateway(fresh, simulator.url, args.loop)
-        baseline = gateway.rss_peak_kib()
-        asyncio.run(submit_many(gateway.url, token, 10_000))
-        time.sleep(6)  # one tracker round over all of them
-        peak = gateway.rss_peak_kib()
-        lines += ["### Memory", "", f"Peak RSS of the gateway with 10,000 jobs in flight: {peak / 1024:.0f} MiB "
-                  f"(at start: {baseline / 1024:.0f} MiB).", ""]
+        if not args.only_growth:  # memory with 10k jobs in flight
+            gateway.stop()
+            fresh = work / "memory.db"
+            cli("teams", "create", "bench", "--budget", "1000000000", db=fresh)
+            post(simulator.url + "/_simulator/settings", {"queued_seconds": 3600}, upstream_key)
+            gateway = start_gateway(fresh, simulator.url, args.loop)
+            baseline = gateway.rss_peak_kib()
+            asyncio.run(submit_many(gateway.url, token, 10_000))
+            time.sleep(6)  # one tracker round over all of them
+            peak = gateway.rss_peak_kib()
+            lines += ["### Memory", "", f"Peak RSS of the gateway with 10,000 jobs in flight: {peak / 1024:.0f} MiB "
+                      f"(at start: {baseline / 1024:.0f} MiB).", ""]
     finally:
         for server in (gateway, durable, passthrough, simulator):
             if server.process.poll() is None:
