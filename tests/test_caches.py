@@ -7,7 +7,8 @@ import time
 
 import jwt
 
-from proxy.store.sqlite import TEAM_ROW_SECONDS, SQLiteStore
+from proxy.store.sqlite import SQLiteStore
+from proxy.store.sqlstore import TEAM_ROW_SECONDS
 from tests.conftest import JWT_SECRET, Gateway, auth, make_token
 from tests.test_admin import ADMIN, call
 

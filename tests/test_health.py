@@ -40,7 +40,7 @@ async def test_a_store_that_cannot_write_makes_readyz_503_and_submits_503_in_sha
         shutil.rmtree(volume)
 
     with pytest.raises(sqlite3.Error):
-        await gateway.services.store._write(lose_the_volume)
+        await gateway.services.store._writer.submit(lose_the_volume)
     async with gateway.http.get(gateway.url + "/readyz") as response:
         ready = (response.status, await response.json())
     code, body, headers = await gateway.submit()

@@ -129,7 +129,7 @@ async def test_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(tmp_path:
     store = SQLiteStore(path, checkpoint_seconds=0.05)
     await store.open()
     try:
-        assert await store._write(lambda db: db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+        assert await store._writer.submit(lambda db: db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
         await store.create_team("design", 1_000_000, "month")
         sizes = []
         for round_ in range(4):
@@ -217,7 +217,7 @@ async def test_a_wal_grown_behind_a_long_read_is_given_back_once_the_store_is_id
     store = SQLiteStore(path, checkpoint_seconds=0.05)
     await store.open()
     try:
-        assert await store._write(lambda db: db.execute("PRAGMA journal_size_limit").fetchone()[0]) == WAL_SIZE_LIMIT
+        assert await store._writer.submit(lambda db: db.execute("PRAGMA journal_size_limit").fetchone()[0]) == WAL_SIZE_LIMIT
         await store.create_team("design", 1_000_000, "month")
         report = sqlite3.connect(path)  # a long spend report: its snapshot keeps checkpoints from catching up
         report.execute("BEGIN")

@@ -5,18 +5,19 @@ Running totals live in ``budget_totals`` per scope (``team:<name>``,
 conditional ``UPDATE`` per scope (``spent + reserved + amount <= limit +
 credit``): portable, atomic without explicit locks, and the only way money
 is held. Every change to a total is written to the ledger in the same
-transaction.
+transaction. Every function here is a transaction body (:mod:`proxy.store.sql`): one piece of code for every
+backend.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from ..errors import BudgetExceeded, TooManyRequests
 from ..money import micros_to_usd
 from ..values import Hold
 from . import BudgetView, Decision, EntryRefused, LedgerEntry, SoftAlert, Team
+from .sql import Sql, Tx
 
 GLOBAL_SCOPE = "global"
 CONCURRENCY_RETRY_AFTER_SECONDS = 5
@@ -32,29 +33,27 @@ def user_scope(team: str, user: str) -> str:
     return f"user:{team}/{user}"
 
 
-def _one(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> Any:
-    return db.execute(sql, params).fetchone()
+def _one(sql: str, *params: Any) -> Tx[Any]:
+    return (yield Sql(sql, params)).fetchone()
 
 
-def ensure_totals(db: sqlite3.Connection, scope: str, period_key: str) -> None:
-    db.execute(
-        "INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (scope, period_key)
-    )
+def _changed(sql: str, *params: Any) -> Tx[int]:
+    return (yield Sql(sql, params)).rowcount
 
 
-def totals(db: sqlite3.Connection, scope: str, period_key: str) -> tuple[int, int, int, bool]:
+def ensure_totals(scope: str, period_key: str) -> Tx[None]:
+    yield Sql("INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (scope, period_key))
+
+
+def totals(scope: str, period_key: str) -> Tx[tuple[int, int, int, bool]]:
     """(spent, reserved, credit, soft_alerted) of one scope and period; zeros when untouched."""
-    row = _one(
-        db,
-        "SELECT spent_micros, reserved_micros, credit_micros, soft_alerted FROM budget_totals "
-        "WHERE scope = ? AND period_key = ?",
-        (scope, period_key),
-    )
+    row = yield from _one("SELECT spent_micros, reserved_micros, credit_micros, soft_alerted FROM budget_totals "
+                          "WHERE scope = ? AND period_key = ?", scope, period_key)
     return (row[0], row[1], row[2], bool(row[3])) if row else (0, 0, 0, False)
 
 
-def budget_view(db: sqlite3.Connection, team: Team, period_key: str) -> BudgetView:
-    spent, reserved, credit, _ = totals(db, team_scope(team.name), period_key)
+def budget_view(team: Team, period_key: str) -> Tx[BudgetView]:
+    spent, reserved, credit, _ = yield from totals(team_scope(team.name), period_key)
     return BudgetView(team.name, period_key, team.budget_limit_micros, credit, spent, reserved)
 
 
@@ -78,10 +77,10 @@ def _refusal(who: str, team: Team, user: str, key: str, allowance: int, left: in
     return f"The gateway's global budget has ${micros_to_usd(left)} left of ${micros_to_usd(allowance)} ({key}){tail}"
 
 
-def _check_concurrency(db: sqlite3.Connection, team: Team) -> None:
+def _check_concurrency(team: Team) -> Tx[None]:
     if team.max_concurrent_jobs is None:
         return
-    (running,) = _one(db, "SELECT COUNT(*) FROM reservations WHERE team = ? AND state = 'open'", (team.name,))
+    (running,) = yield from _one("SELECT COUNT(*) FROM reservations WHERE team = ? AND state = 'open'", team.name)
     if running >= team.max_concurrent_jobs:
         raise TooManyRequests(
             f"Team '{team.name}' has {running} jobs running, its limit of concurrent jobs",
@@ -89,123 +88,120 @@ def _check_concurrency(db: sqlite3.Connection, team: Team) -> None:
         )
 
 
-def refusal_for(db: sqlite3.Connection, team: Team, user: str, hold: Hold) -> str | None:
+def refusal_for(team: Team, user: str, hold: Hold) -> Tx[str | None]:
     """Why ``hold`` would be refused now (read only), or None."""
     try:
-        _check_concurrency(db, team)
+        yield from _check_concurrency(team)
     except TooManyRequests as exc:
         return exc.message
     amount = hold.estimate.amount_micros
     for scope, key, limit, who in _caps(team, user, hold):
         if limit is None:
             continue
-        spent, reserved, credit, _ = totals(db, scope, key)
+        spent, reserved, credit, _ = yield from totals(scope, key)
         if spent + reserved + amount > limit + credit:
             return _refusal(who, team, user, key, limit + credit, max(0, limit + credit - spent - reserved), amount)
     return None
 
 
-def reserve(db: sqlite3.Connection, *, team: Team, user: str, hold: Hold, job_id: int, handle: str,
-            model: str, now: str) -> tuple[BudgetView, SoftAlert | None]:
+def reserve(*, team: Team, user: str, hold: Hold, job_id: int, handle: str, model: str,
+            now: str) -> Tx[tuple[BudgetView, SoftAlert | None]]:
     """Hold ``hold``'s estimate against every cap, or raise (the caller's transaction then rolls back)."""
-    _check_concurrency(db, team)
+    yield from _check_concurrency(team)
     estimate = hold.estimate
     for scope, key, limit, who in _caps(team, user, hold):
-        if not _add_reserved(db, scope, key, estimate.amount_micros, limit):
+        if not (yield from _add_reserved(scope, key, estimate.amount_micros, limit)):
             assert limit is not None  # only a limit refuses
-            spent, reserved, credit, _ = totals(db, scope, key)
+            spent, reserved, credit, _ = yield from totals(scope, key)
             allowance = limit + credit
             raise BudgetExceeded(_refusal(who, team, user, key, allowance, max(0, allowance - spent - reserved),
                                           estimate.amount_micros))
-    db.execute(
+    yield Sql(
         "INSERT INTO reservations (job_id, handle, team, user_id, model, period_key, global_period_key, amount_micros, "
         "seconds, resolution, basis, state, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?)",
         (job_id, handle, team.name, user, model, hold.period_key, hold.global_period_key, estimate.amount_micros,
          estimate.seconds, estimate.resolution, estimate.basis, now),
     )
-    insert_ledger(db, at=now, kind="reserve", team=team.name, user_id=user, handle=handle, job_id=job_id,
-                  model=model, seconds=estimate.seconds, resolution=estimate.resolution,
-                  period_key=hold.period_key, global_period_key=hold.global_period_key,
-                  reserved_delta=estimate.amount_micros, basis=estimate.basis)
-    spent, reserved, credit, alerted = totals(db, team_scope(team.name), hold.period_key)
+    yield from insert_ledger(at=now, kind="reserve", team=team.name, user_id=user, handle=handle, job_id=job_id,
+                             model=model, seconds=estimate.seconds, resolution=estimate.resolution,
+                             period_key=hold.period_key, global_period_key=hold.global_period_key,
+                             reserved_delta=estimate.amount_micros, basis=estimate.basis)
+    spent, reserved, credit, alerted = yield from totals(team_scope(team.name), hold.period_key)
     view = BudgetView(team.name, hold.period_key, team.budget_limit_micros, credit, spent, reserved)
-    return view, _soft_alert(db, team, hold.period_key, spent + reserved, credit, alerted)
+    return view, (yield from _soft_alert(team, hold.period_key, spent + reserved, credit, alerted))
 
 
-def _add_reserved(db: sqlite3.Connection, scope: str, key: str, amount: int, limit: int | None) -> bool:
+def _add_reserved(scope: str, key: str, amount: int, limit: int | None) -> Tx[bool]:
     """Add ``amount`` to the scope's reserved total if spent + reserved stays within ``limit`` (None: no limit).
 
     The conditional update comes first; only when it changes nothing is the period's row created (its first
-    use) and the update tried once more, so the common case is one statement instead of two.
+    use) and the update tried once more, so the common case is one statement instead of two. On PostgreSQL a
+    concurrent reservation of the same scope waits for this row and then re-checks the condition against what
+    this one left (READ COMMITTED re-evaluates an UPDATE's WHERE on the row it waited for): no overspend.
     """
     sql = "UPDATE budget_totals SET reserved_micros = reserved_micros + ? WHERE scope = ? AND period_key = ?"
     params: tuple[Any, ...] = (amount, scope, key)
     if limit is not None:
         sql += " AND spent_micros + reserved_micros + ? <= ? + credit_micros"
         params += (amount, limit)
-    if db.execute(sql, params).rowcount == 1:
+    if (yield from _changed(sql, *params)) == 1:
         return True
-    created = db.execute(
-        "INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (scope, key)
-    ).rowcount
-    return created == 1 and db.execute(sql, params).rowcount == 1
+    created = yield from _changed("INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                                  scope, key)
+    if created != 1:
+        return False
+    return (yield from _changed(sql, *params)) == 1
 
 
-def _soft_alert(db: sqlite3.Connection, team: Team, period_key: str, used: int, credit: int,
-                alerted: bool) -> SoftAlert | None:
-    """Mark and return the team's soft alert for the period the first time usage reaches the threshold."""
+def _soft_alert(team: Team, period_key: str, used: int, credit: int, alerted: bool) -> Tx[SoftAlert | None]:
+    """Mark and return the team's soft alert for the period the first time usage reaches the threshold.
+
+    The mark is a conditional update, so however many replicas cross the threshold together, one alerts.
+    """
     allowance = team.budget_limit_micros + credit
     if alerted or allowance <= 0 or used * 100 < team.soft_threshold_percent * allowance:
         return None
-    db.execute(
-        "UPDATE budget_totals SET soft_alerted = 1 WHERE scope = ? AND period_key = ?",
-        (team_scope(team.name), period_key),
-    )
-    return SoftAlert(team.name, period_key, team.soft_threshold_percent, used, allowance)
+    marked = yield from _changed("UPDATE budget_totals SET soft_alerted = 1 WHERE scope = ? AND period_key = ? "
+                                 "AND soft_alerted = 0", team_scope(team.name), period_key)
+    return SoftAlert(team.name, period_key, team.soft_threshold_percent, used, allowance) if marked == 1 else None
 
 
-def resolve(db: sqlite3.Connection, job_id: int, decision: Decision, now: str) -> bool:
+def resolve(job_id: int, decision: Decision, now: str) -> Tx[bool]:
     """End the job's open reservation as ``decision`` says; False if it had none open."""
-    row = _one(
-        db,
+    row = yield from _one(
         "SELECT handle, team, user_id, model, period_key, global_period_key, amount_micros FROM reservations "
-        "WHERE job_id = ? AND state = 'open'",
-        (job_id,),
-    )
+        "WHERE job_id = ? AND state = 'open'", job_id)
     if row is None:
         return False
     handle, team, user, model, key, global_key, amount = row
     state = "settled" if decision.kind == "settle" else "released"
-    cursor = db.execute(
-        "UPDATE reservations SET state = ?, resolved_at = ?, note = ? WHERE job_id = ? AND state = 'open'",
-        (state, now, decision.note, job_id),
-    )
-    if cursor.rowcount != 1:
+    ended = yield from _changed("UPDATE reservations SET state = ?, resolved_at = ?, note = ? "
+                                "WHERE job_id = ? AND state = 'open'", state, now, decision.note, job_id)
+    if ended != 1:
         return False
     spent_delta = decision.charge_micros if decision.kind == "settle" else 0
     for scope, period in ((team_scope(team), key), (user_scope(team, user), key), (GLOBAL_SCOPE, global_key)):
-        db.execute(
+        yield Sql(
             "UPDATE budget_totals SET reserved_micros = reserved_micros - ?, spent_micros = spent_micros + ? "
             "WHERE scope = ? AND period_key = ?",
             (amount, spent_delta, scope, period),
         )
-    insert_ledger(db, at=now, kind=decision.kind, team=team, user_id=user, handle=handle, job_id=job_id,
-                  model=model, seconds=decision.seconds, resolution=decision.resolution, period_key=key,
-                  global_period_key=global_key, reserved_delta=-amount, spent_delta=spent_delta,
-                  basis=decision.basis, note=decision.note)
+    yield from insert_ledger(at=now, kind=decision.kind, team=team, user_id=user, handle=handle, job_id=job_id,
+                             model=model, seconds=decision.seconds, resolution=decision.resolution, period_key=key,
+                             global_period_key=global_key, reserved_delta=-amount, spent_delta=spent_delta,
+                             basis=decision.basis, note=decision.note)
     return True
 
 
-def insert_ledger(db: sqlite3.Connection, **columns: Any) -> int:
+def insert_ledger(**columns: Any) -> Tx[int]:
     names = ", ".join(columns)
     marks = ", ".join("?" for _ in columns)
-    cursor = db.execute(f"INSERT INTO ledger ({names}) VALUES ({marks})", tuple(columns.values()))
-    assert cursor.lastrowid is not None
-    return cursor.lastrowid
+    (entry_id,) = yield from _one(f"INSERT INTO ledger ({names}) VALUES ({marks}) RETURNING id", *columns.values())
+    return int(entry_id)
 
 
-def add_entry(db: sqlite3.Connection, *, team: Team, kind: str, amount: int, period_key: str,
-              global_period_key: str, actor: str, note: str, now: str) -> int:
+def add_entry(*, team: Team, kind: str, amount: int, period_key: str, global_period_key: str, actor: str,
+              note: str, now: str) -> Tx[int]:
     """A manual ``adjust`` (signed spend) or ``topup`` (allowance) for a team's period.
 
     A top-up raises the team's allowance for ``period_key`` only (never the global cap, which is the company's
@@ -215,29 +211,25 @@ def add_entry(db: sqlite3.Connection, *, team: Team, kind: str, amount: int, per
     can never lift the global cap.
     """
     scope = team_scope(team.name)
-    ensure_totals(db, scope, period_key)
+    yield from ensure_totals(scope, period_key)
     if kind == "topup":
-        db.execute(
-            "UPDATE budget_totals SET credit_micros = credit_micros + ? WHERE scope = ? AND period_key = ?",
-            (amount, scope, period_key),
-        )
+        yield Sql("UPDATE budget_totals SET credit_micros = credit_micros + ? WHERE scope = ? AND period_key = ?",
+                  (amount, scope, period_key))
         deltas = {"credit_delta": amount}
     else:
-        ensure_totals(db, GLOBAL_SCOPE, global_period_key)
+        yield from ensure_totals(GLOBAL_SCOPE, global_period_key)
         for total_scope, key, who in ((scope, period_key, f"team '{team.name}'"),
                                       (GLOBAL_SCOPE, global_period_key, "the gateway")):
-            changed = db.execute(
-                "UPDATE budget_totals SET spent_micros = spent_micros + ? "
-                "WHERE scope = ? AND period_key = ? AND spent_micros + ? >= 0",
-                (amount, total_scope, key, amount),
-            ).rowcount
+            changed = yield from _changed("UPDATE budget_totals SET spent_micros = spent_micros + ? "
+                                          "WHERE scope = ? AND period_key = ? AND spent_micros + ? >= 0",
+                                          amount, total_scope, key, amount)
             if changed != 1:
-                spent, _, _, _ = totals(db, total_scope, key)
+                spent, _, _, _ = yield from totals(total_scope, key)
                 raise EntryRefused(f"An adjustment of ${micros_to_usd(amount)} would take the spend of {who} in "
                                    f"{key} below zero: only ${micros_to_usd(spent)} was spent there")
         deltas = {"spent_delta": amount}
-    return insert_ledger(db, at=now, kind=kind, team=team.name, period_key=period_key,
-                         global_period_key=global_period_key, actor=actor, note=note, **deltas)
+    return (yield from insert_ledger(at=now, kind=kind, team=team.name, period_key=period_key,
+                                     global_period_key=global_period_key, actor=actor, note=note, **deltas))
 
 
 def ledger_entry(row: tuple[Any, ...]) -> LedgerEntry:
@@ -269,16 +261,16 @@ MISMATCH_QUERIES = (
 )
 
 
-def mismatches(db: sqlite3.Connection) -> list[str]:
+def mismatches() -> Tx[list[str]]:
     found: list[str] = []
     for query in MISMATCH_QUERIES:
-        for scope, key, spent, reserved, credit, l_spent, l_reserved, l_credit in db.execute(query):
+        for scope, key, spent, reserved, credit, l_spent, l_reserved, l_credit in (yield Sql(query)).fetchall():
             if (spent, reserved, credit) != (l_spent, l_reserved, l_credit):
                 found.append(f"{scope} {key}: totals spent={spent} reserved={reserved} credit={credit}, "
                              f"ledger spent={l_spent} reserved={l_reserved} credit={l_credit}")
-    for team, model, spent, saved, l_spent, l_saved in db.execute(ROLLUP_MISMATCHES):
+    for team, model, spent, saved, l_spent, l_saved in (yield Sql(ROLLUP_MISMATCHES)).fetchall():
         found.append(f"metrics rollup {team}/{model}: spent={spent} saved={saved}, ledger spent={l_spent} saved={l_saved}")
-    for model, status, jobs, counted in db.execute(JOB_COUNT_MISMATCHES):
+    for model, status, jobs, counted in (yield Sql(JOB_COUNT_MISMATCHES)).fetchall():
         found.append(f"job count {model}/{status}: {jobs} counted, {counted} jobs")
     return found
 

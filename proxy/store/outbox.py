@@ -11,11 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import sqlite3
 from typing import Any
 
 from ..clock import uuid7
 from . import SECRET_PREFIX, Delivery
+from .sql import Sql, Tx
 
 
 def new_secret() -> str:
@@ -23,13 +23,13 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def enqueue(db: sqlite3.Connection, targets: list[tuple[Any, str, str]], status: str, terminal: bool, now: str,
-            payload_for: Any) -> None:
+def enqueue(targets: list[tuple[Any, str, str]], status: str, terminal: bool, now: str,
+            payload_for: Any) -> Tx[None]:
     """One delivery per (handle view, url, mode): sync handles hear every change, terminal ones only the end."""
     for view, url, mode in targets:
         if mode != "sync" and not terminal:
             continue
-        db.execute(
+        yield Sql(
             "INSERT INTO outbox (message_id, handle, team, url, status, payload, state, next_attempt_at, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
             (f"msg_{uuid7().hex}", view.handle, view.team, url, status,
@@ -37,16 +37,17 @@ def enqueue(db: sqlite3.Connection, targets: list[tuple[Any, str, str]], status:
         )
 
 
-def due(db: sqlite3.Connection, now: str, per_team: int, skip: tuple[int, ...] = ()) -> list[Delivery]:
+def due(now: str, per_team: int, skip: tuple[int, ...] = ()) -> Tx[list[Delivery]]:
     """Deliveries whose time has come, each the oldest pending one of its handle (so a handle hears in order),
     at most ``per_team`` of each team (so one team's backlog cannot hide another's), none of ``skip`` (in flight).
     """
     marks = ", ".join("?" for _ in skip)
-    return [Delivery(*row[:-1]) for row in db.execute(
+    rows = yield Sql(
         "SELECT * FROM (SELECT o.id, o.message_id, o.handle, o.team, o.url, o.status, o.payload, o.attempts, "
         "ROW_NUMBER() OVER (PARTITION BY o.team ORDER BY o.next_attempt_at, o.id) AS place FROM outbox o "
         "WHERE o.state = 'pending' AND o.next_attempt_at <= ? " + (f"AND o.id NOT IN ({marks}) " if skip else "") +
         "AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.handle = o.handle AND e.state = 'pending' AND e.id < o.id)) "
         "WHERE place <= ? ORDER BY place, id",
         (now, *skip, per_team),
-    )]
+    )
+    return [Delivery(*row[:-1]) for row in rows.fetchall()]
