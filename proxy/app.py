@@ -73,7 +73,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         config, simulator_context = _in_process_simulator(config, catalog)
         contexts.append(simulator_context)
 
-    store = store_at(config.db_path)
+    store = store_at(config.db_path, pool_size=config.db_pool_size)
     metrics = Metrics()
     metrics.policy_loaded.set_to_current_time()
     metrics.policy_models.set(len(catalog.models))

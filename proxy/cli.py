@@ -18,11 +18,12 @@ from typing import Any
 
 from .clock import Clock
 from .config import Config, ConfigError, default_policies_dir, load_config
+from .errors import StoreUnavailable
 from .logs import configure_logging
 from .money import micros_to_usd, usd_to_micros
 from .policyfile import PolicyError
 from .store import PERIODS, SettingProblem, SpendRow, Store, TeamExists, UnknownTeam, check_team_settings, team_name_problem
-from .store.factory import store_at
+from .store.factory import shown, store_at
 from .tabular import write_csv
 
 logger = logging.getLogger("proxy.cli")  # a fixed name: under "python -m" __name__ is "__main__"
@@ -167,7 +168,10 @@ async def _with_store(path: str, work: Any) -> Any:
         store = store_at(path)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    await store.open()
+    try:
+        await store.open()
+    except StoreUnavailable as exc:
+        raise CommandError(f"{shown(path)}: {exc.message}") from None
     try:
         return await work(store)
     finally:

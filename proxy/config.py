@@ -69,6 +69,7 @@ class Config:
     public_url: str = ""
     upstream_url: str = DEFAULT_UPSTREAM_URL
     db_path: str = "pixazo-proxy.db"
+    db_pool_size: int = 10
     policies_dir: Path = field(default_factory=default_policies_dir)
     simulate: bool = False
     jwt_algorithms: tuple[str, ...] = ("HS256",)
@@ -148,6 +149,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "port": ("PROXY_PORT", _int),
     "public_url": ("PROXY_PUBLIC_URL", _text),
     "db_path": ("PROXY_DB", _text),
+    "db_pool_size": ("PROXY_DB_POOL_SIZE", _int),
     "policies_dir": ("PROXY_POLICIES", lambda v: Path(v.strip())),
     "simulate": ("PROXY_SIMULATE", _bool),
     "jwt_algorithms": ("PROXY_JWT_ALGORITHMS", _algorithms),
@@ -233,6 +235,8 @@ def check_config(config: Config) -> None:
 
     if (problem := location_problem(config.db_path)) is not None:
         raise ConfigError(f"PROXY_DB {problem}")
+    if not 1 <= config.db_pool_size <= 1000:
+        raise ConfigError("PROXY_DB_POOL_SIZE must be a whole number from 1 to 1000")
     if not 0 <= config.port <= 65535:
         raise ConfigError("PROXY_PORT must be between 0 and 65535")
     if config.max_body_bytes < 1024:

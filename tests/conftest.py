@@ -9,9 +9,8 @@ import json
 import logging
 import shutil
 import socket
-import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from proxy.config import Config, load_config
 from proxy.httpserver import GatewayRunner
 from proxy.services import SERVICES, Services
 from proxy.simulator import Simulator, SimulatorSettings
-from proxy.store.sqlite import SQLiteStore
+from proxy.store.factory import store_at
+from tests.databases import Peek, PostgresServer, start_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
@@ -69,9 +69,57 @@ def policies_with(tmp_path: Path, budgets: str = "", cache: str = "", webhooks: 
     return directory
 
 
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[tuple[PostgresServer | None, str]]:
+    """The run's PostgreSQL (see tests/databases.py), or None and the reason its tests are skipped."""
+    server, reason = start_postgres()
+    yield server, reason
+    if server is not None:
+        server.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which store backend the test's gateway runs on: every behavioural test runs on both."""
+    return str(request.param)
+
+
+@pytest.fixture
+def db_location(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Where the test's gateway keeps its books: a SQLite file, or a PostgreSQL database of its own."""
+    if backend == "sqlite":
+        yield str(tmp_path / "gateway.db")
+        return
+    server, reason = request.getfixturevalue("postgres_server")
+    if server is None:
+        pytest.skip(f"PostgreSQL: {reason}")
+    url = server.create()
+    yield url
+    server.drop(url)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``sqlite_only`` (the SQLite writer, its files and pragmas) do not run on PostgreSQL."""
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("backend") == "postgresql"
+        (dropped if on_postgres and item.get_closest_marker("sqlite_only") else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: about the SQLite backend itself; not run on PostgreSQL")
+
+
 async def create_teams(db: str | Path, teams: dict[str, int]) -> None:
-    """Teams (name -> monthly budget in micro-dollars) in a database file, before a gateway opens it."""
-    store = SQLiteStore(db)
+    """Teams (name -> monthly budget in micro-dollars) in a database, before a gateway opens it."""
+    store = store_at(db)
     await store.open()
     try:
         for name, limit in teams.items():
@@ -96,8 +144,8 @@ async def loopback_server(*routes: tuple[str, str, Callable[[web.Request], Await
 
 
 async def ledger_mismatches(db: str | Path) -> list[str]:
-    """The store's own check that every running total equals its ledger, on a database file."""
-    store = SQLiteStore(db)
+    """The store's own check that every running total equals its ledger, on a database."""
+    store = store_at(db)
     await store.open()
     try:
         return await store.ledger_mismatches()
@@ -229,24 +277,30 @@ class Gateway:
         self.server = server
         self.http = session
         self.url = str(server.make_url("")).rstrip("/")
-        self.db_path = config.db_path
+        self.db_path = config.db_path  # a SQLite path or a PostgreSQL URL
+        self.db = Peek(config.db_path)
         self.upstream_url = config.upstream_url
 
     @property
     def services(self) -> Services:
         return self.server.app[SERVICES]
 
+    def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Rows of ``query`` (``?`` placeholders), read straight from the gateway's database, whichever it is."""
+        return self.db.rows(query, *params)
+
+    def execute(self, statement: str, *params: Any) -> int:
+        """Change the gateway's database behind its back (a test's tampering); rows changed."""
+        return self.db.execute(statement, *params)
+
     def ledger_rows(self, *columns: str) -> list[tuple[Any, ...]]:
-        """The ledger, oldest first, read straight from the database file."""
-        with sqlite3.connect(self.db_path) as db:
-            return db.execute(f"SELECT {', '.join(columns)} FROM ledger ORDER BY id").fetchall()
+        """The ledger, oldest first, read straight from the database."""
+        return self.sql(f"SELECT {', '.join(columns)} FROM ledger ORDER BY id")
 
     def totals(self, scope: str = "team:design") -> list[tuple[str, int, int, int]]:
-        """(period, spent, reserved, credit) of one scope, from the database file."""
-        with sqlite3.connect(self.db_path) as db:
-            return db.execute(
-                "SELECT period_key, spent_micros, reserved_micros, credit_micros FROM budget_totals "
-                "WHERE scope = ? ORDER BY period_key", (scope,)).fetchall()
+        """(period, spent, reserved, credit) of one scope, from the database."""
+        return self.sql("SELECT period_key, spent_micros, reserved_micros, credit_micros FROM budget_totals "  # type: ignore[return-value]
+                        "WHERE scope = ? ORDER BY period_key", scope)
 
     async def submit(self, path: str = TEXT_PATH, body: Any = None, headers: dict[str, str] | None = None,
                      **kwargs: Any) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
@@ -263,7 +317,7 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def start_gateway(tmp_path: Path, simulator: Simulator) -> AsyncIterator[GatewayFactory]:
+async def start_gateway(db_location: str, simulator: Simulator) -> AsyncIterator[GatewayFactory]:
     """Start a gateway in front of the simulator; keyword arguments override config fields.
 
     ``teams`` (name -> budget micro-dollars) are created before it starts.
@@ -273,8 +327,8 @@ async def start_gateway(tmp_path: Path, simulator: Simulator) -> AsyncIterator[G
     async def start(teams: dict[str, int | dict[str, Any]] | None = None, clock: Clock | None = None,
                     **overrides: Any) -> Gateway:
         port = overrides.pop("port", None) or free_port()
-        db_path = overrides.pop("db_path", str(tmp_path / "gateway.db"))
-        store = SQLiteStore(db_path)
+        db_path = overrides.pop("db_path", db_location)
+        store = store_at(db_path)
         await store.open()
         for name, spec in (teams if teams is not None else {"design": 50_000_000, "research": 50_000_000}).items():
             settings = {"budget_limit_micros": spec} if isinstance(spec, int) else dict(spec)

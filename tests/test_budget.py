@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 from decimal import Decimal
 
 import pytest
@@ -96,8 +95,7 @@ async def test_a_submit_whose_answer_was_lost_stays_reserved_as_indeterminate(st
     assert "may have reached the upstream, so its cost stays reserved" in body["message"]
     assert [row[:3] for row in gateway.ledger_rows(*LEDGER)] == [("reserve", 420_000, 0)]
     assert [row[1:] for row in gateway.totals()] == [(0, 420_000, 0)]
-    with sqlite3.connect(gateway.db_path) as db:
-        assert db.execute("SELECT status FROM jobs").fetchall() == [("INDETERMINATE",)]
+    assert gateway.sql("SELECT status FROM jobs") == [("INDETERMINATE",)]
 
 
 async def test_edit_video_settles_on_the_output_it_actually_got(start_gateway, simulator: Simulator) -> None:
@@ -239,16 +237,21 @@ async def test_a_limit_change_takes_effect_on_the_next_request(gateway: Gateway)
     assert (await gateway.submit())[0] == 202
 
 
-async def test_money_is_never_float(gateway: Gateway) -> None:
-    """Stored money is SQLite integers (a float with a fraction would be stored as 'real'), answered as exact decimals."""
+async def test_money_is_never_float(gateway: Gateway, backend: str) -> None:
+    """Stored money is integers (SQLite: a float with a fraction would be stored as 'real'; PostgreSQL: every money
+    column is BIGINT), answered as exact decimals."""
     answers = await asyncio.gather(*(gateway.submit(TEXT_PATH, {"prompt": f"p{i}", "duration": 3 + i % 8,
                                                                  "resolution": ("480p", "720p")[i % 2]})
                                      for i in range(30)))
-    with sqlite3.connect(gateway.db_path) as db:
-        stored_types = {row[0] for row in db.execute(
+    if backend == "sqlite":
+        stored_types = {row[0] for row in gateway.sql(
             "SELECT typeof(reserved_delta) FROM ledger UNION SELECT typeof(spent_delta) FROM ledger "
             "UNION SELECT typeof(credit_delta) FROM ledger UNION SELECT typeof(amount_micros) FROM reservations "
             "UNION SELECT typeof(reserved_micros) FROM budget_totals UNION SELECT typeof(spent_micros) FROM budget_totals")}
+    else:
+        stored_types = {"integer" if kind == "bigint" else kind for (kind,) in gateway.sql(
+            "SELECT DISTINCT data_type FROM information_schema.columns WHERE table_schema = 'public' "
+            "AND (column_name LIKE '%micros' OR column_name LIKE '%delta')")}
     estimates = [headers["X-Proxy-Estimate-USD"] for _, _, headers in answers]
     expected = [(3 + i % 8) * (50_000, 70_000)[i % 2] for i in range(30)]
 

@@ -7,7 +7,7 @@ import time
 
 import jwt
 
-from proxy.store.sqlite import SQLiteStore
+from proxy.store.factory import store_at
 from proxy.store.sqlstore import TEAM_ROW_SECONDS
 from tests.conftest import JWT_SECRET, Gateway, auth, make_token
 from tests.test_admin import ADMIN, call
@@ -53,7 +53,7 @@ async def test_a_team_change_through_the_admin_api_applies_to_the_next_request(s
 async def test_a_team_change_by_another_process_applies_within_the_team_row_lifetime(start_gateway) -> None:
     gateway = await start_gateway(teams=LIMITED)
     assert (await gateway.submit())[0] == 202
-    other = SQLiteStore(gateway.db_path)  # what `pixazo-proxy teams update` does
+    other = store_at(gateway.db_path)  # what `pixazo-proxy teams update` does
     await other.open()
     try:
         await other.update_team("design", max_submits_per_minute=1)
@@ -69,7 +69,7 @@ async def test_a_team_change_by_another_process_applies_within_the_team_row_life
 
 async def test_a_budget_change_by_another_process_applies_at_once(gateway: Gateway) -> None:
     assert (await gateway.submit())[0] == 202
-    other = SQLiteStore(gateway.db_path)
+    other = store_at(gateway.db_path)
     await other.open()
     try:
         await other.update_team("design", budget_limit_micros=100_000)

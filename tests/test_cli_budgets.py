@@ -83,8 +83,10 @@ def test_cli_mistakes_are_one_clear_line(env: dict[str, str]) -> None:
         (("teams", "update", "ops", "--max-concurrent", "x"), "--max-concurrent: must be a whole number"),
         (("teams", "show", "ghost"), "team 'ghost' does not exist"),
         (("spend", "report", "--team", "ghost"), "team 'ghost' does not exist"),
-        (("teams", "list", "--db", "postgresql://postgres@127.0.0.1/proxy"),
-         "postgresql://postgres@127.0.0.1/proxy: PostgreSQL URLs are not supported yet: give a SQLite database path"),
+        (("teams", "list", "--db", "postgresql://postgres:hunter2@127.0.0.1:1/proxy"),
+         "postgresql://postgres:***@127.0.0.1:1/proxy: the database cannot be reached: ConnectionRefusedError"),
+        (("teams", "list", "--db", "mysql://root@127.0.0.1/proxy"),
+         "mysql://root@127.0.0.1/proxy: must be a SQLite database path or a postgresql:// URL"),
     ]
     for args, message in cases:
         result = cli(env, *args)

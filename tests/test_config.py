@@ -47,9 +47,12 @@ def test_public_url_is_used_for_polling_urls() -> None:
     (BASE | {"PIXAZO_UPSTREAM_URL": "gateway.pixazo.ai"}, "PIXAZO_UPSTREAM_URL must start with http:// or https://"),
     (BASE | {"PROXY_LOG_LEVEL": "loud"}, "PROXY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     (BASE | {"PROXY_MAX_BODY_BYTES": "10"}, "PROXY_MAX_BODY_BYTES must be at least 1024"),
-    (BASE | {"PROXY_DB": "postgresql://postgres@127.0.0.1:5432/proxy"},
-     "PROXY_DB PostgreSQL URLs are not supported yet: give a SQLite database path"),
-    (BASE | {"PROXY_DB": "mysql://db/proxy"}, "PROXY_DB must be a SQLite database path"),
+    (BASE | {"PROXY_DB": "postgresql:///proxy"},
+     "PROXY_DB is a PostgreSQL URL without a host (postgresql://user@host:port/database)"),
+    (BASE | {"PROXY_DB": "postgresql://postgres@127.0.0.1:port/proxy"},
+     "PROXY_DB is not a valid PostgreSQL URL: Port could not be cast to integer value as 'port'"),
+    (BASE | {"PROXY_DB": "mysql://root@127.0.0.1/proxy"}, "PROXY_DB must be a SQLite database path or a postgresql:// URL"),
+    (BASE | {"PROXY_DB_POOL_SIZE": "0"}, "PROXY_DB_POOL_SIZE must be a whole number from 1 to 1000"),
 ])
 def test_bad_settings_name_themselves(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as caught:

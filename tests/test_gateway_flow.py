@@ -146,13 +146,12 @@ async def test_200_clients_polling_one_job_make_one_upstream_call_per_interval(s
     assert 1 <= upstream_calls <= math.floor(elapsed / interval) + 1
 
 
-async def test_handles_survive_a_restart(start_gateway, simulator: Simulator, tmp_path) -> None:
-    db = str(tmp_path / "restart.db")
-    first = await start_gateway(db_path=db)
+async def test_handles_survive_a_restart(start_gateway, simulator: Simulator) -> None:
+    first = await start_gateway()
     _, submitted, _ = await first.submit()
     await first.server.close()
 
-    second = await start_gateway(db_path=db)
+    second = await start_gateway()
     final = await wait_for_status(second, submitted["request_id"], {"COMPLETED"})
 
     assert final["status"] == "COMPLETED"

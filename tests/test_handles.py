@@ -40,10 +40,7 @@ async def test_a_handle_the_upstream_refused_is_never_visible(gateway: Gateway, 
 
     simulator.add_fault(Fault(op="submit", status=500))
     await gateway.submit()
-    import sqlite3
-
-    with sqlite3.connect(gateway.db_path) as db:
-        [(handle,)] = db.execute("SELECT id FROM handles").fetchall()
+    [(handle,)] = gateway.sql("SELECT id FROM handles")
 
     assert await gateway.status(handle) == (404, {"error": "Not Found", "message": "Request not found"})
 

@@ -29,6 +29,7 @@ async def test_readyz_is_503_once_the_store_is_closed(gateway: Gateway) -> None:
     await gateway.services.store.open()
 
 
+@pytest.mark.sqlite_only  # the disk under SQLite's file; PostgreSQL's outage is tests/test_replicas.py
 async def test_a_store_that_cannot_write_makes_readyz_503_and_submits_503_in_shape(start_gateway, tmp_path,
                                                                                    simulator) -> None:
     volume = tmp_path / "volume"

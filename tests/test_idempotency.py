@@ -76,12 +76,11 @@ async def test_keys_expire_after_the_policy_period(start_gateway, tmp_path) -> N
     assert (await gateway.submit(TEXT_PATH, {"prompt": "a stork"}, headers=keyed("order-5")))[0] == 202
 
 
-async def test_keys_survive_a_restart(start_gateway, tmp_path) -> None:
-    db = str(tmp_path / "keys.db")
-    first = await start_gateway(db_path=db)
+async def test_keys_survive_a_restart(start_gateway) -> None:
+    first = await start_gateway()
     _, body, _ = await first.submit(TEXT_PATH, {"prompt": "a heron"}, headers=keyed("order-6"))
     await first.server.close()
-    second = await start_gateway(db_path=db)
+    second = await start_gateway()
 
     code, again, headers = await second.submit(TEXT_PATH, {"prompt": "a heron"}, headers=keyed("order-6"))
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
 from tests.conftest import Gateway, ledger_mismatches, until
@@ -19,8 +17,7 @@ async def test_a_tampered_total_is_reported(gateway: Gateway, column: str, scope
     db = gateway.db_path
     assert await ledger_mismatches(db) == []
 
-    with sqlite3.connect(db) as connection:
-        connection.execute(f"UPDATE budget_totals SET {column} = {column} + 1 WHERE scope = ?", (scope,))
+    gateway.execute(f"UPDATE budget_totals SET {column} = {column} + 1 WHERE scope = ?", scope)
     found = await ledger_mismatches(db)
 
     assert len(found) >= 1 and all(line.startswith(scope) for line in found), found
@@ -29,9 +26,8 @@ async def test_a_tampered_total_is_reported(gateway: Gateway, column: str, scope
 async def test_an_open_reservation_without_its_total_is_reported(gateway: Gateway, simulator) -> None:
     simulator.queue_outcomes("STUCK")
     assert (await gateway.submit())[0] == 202
-    db = gateway.db_path
-    with sqlite3.connect(db) as connection:  # the total forgets the job, the reservation and ledger do not
-        connection.execute("UPDATE budget_totals SET reserved_micros = 0 WHERE scope = 'team:design'")
+    db = gateway.db_path  # the total forgets the job, the reservation and ledger do not
+    gateway.execute("UPDATE budget_totals SET reserved_micros = 0 WHERE scope = 'team:design'")
 
     assert any(line.startswith("team:design") for line in await ledger_mismatches(db))
 
@@ -51,8 +47,7 @@ async def test_a_drifted_metrics_rollup_is_reported(gateway: Gateway, statement:
     db = gateway.db_path
     assert await ledger_mismatches(db) == []
 
-    with sqlite3.connect(db) as connection:
-        connection.execute(statement)
+    gateway.execute(statement)
     found = await ledger_mismatches(db)
 
     assert len(found) >= 1 and all(line.startswith(reported) for line in found), found

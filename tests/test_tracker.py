@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 from proxy.simulator import Fault, Simulator
 from tests.conftest import Gateway, until
 
 
 def job_states(gateway: Gateway) -> list[tuple[str, str | None]]:
-    with sqlite3.connect(gateway.db_path) as db:
-        return db.execute("SELECT j.status, r.state FROM jobs j LEFT JOIN reservations r ON r.job_id = j.id").fetchall()
+    return gateway.sql("SELECT j.status, r.state FROM jobs j LEFT JOIN reservations r ON r.job_id = j.id")
 
 
 
@@ -24,15 +22,14 @@ async def test_a_job_nobody_polls_is_followed_to_its_end_and_settled(start_gatew
     assert [row[1:] for row in gateway.totals()] == [(420_000, 0, 0)]
 
 
-async def test_a_restart_mid_job_still_ends_completed_and_settled(start_gateway, simulator: Simulator, tmp_path) -> None:
+async def test_a_restart_mid_job_still_ends_completed_and_settled(start_gateway, simulator: Simulator) -> None:
     simulator.settings.processing_seconds = 0.5
-    db = str(tmp_path / "restart.db")
-    first = await start_gateway(db_path=db, status_refresh_seconds=0.05)
+    first = await start_gateway(status_refresh_seconds=0.05)
     _, body, _ = await first.submit()
     await first.server.close()
     assert job_states(first) == [("QUEUED", "open")]
 
-    second = await start_gateway(db_path=db, status_refresh_seconds=0.05)
+    second = await start_gateway(status_refresh_seconds=0.05)
 
     await until(lambda: job_states(second) == [("COMPLETED", "settled")])
     assert (await second.status(body["request_id"]))[1]["status"] == "COMPLETED"

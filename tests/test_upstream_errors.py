@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -13,8 +11,7 @@ from tests.conftest import UPSTREAM_KEY, Gateway, auth, free_port, wait_for_stat
 
 
 def job_statuses(gateway: Gateway) -> list[tuple[str, str | None]]:
-    with sqlite3.connect(gateway.db_path) as db:
-        return db.execute("SELECT status, upstream_id FROM jobs ORDER BY id").fetchall()
+    return gateway.sql("SELECT status, upstream_id FROM jobs ORDER BY id")
 
 
 HELD = ". The request may have reached the upstream, so its cost stays reserved until the gateway resolves it; retry with the same Idempotency-Key to learn the outcome."

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
 from proxy.redact import Redactor
@@ -49,9 +47,8 @@ async def test_the_key_in_status_fields_is_scrubbed_before_it_is_stored_answered
     assert final["output"]["debug"] == {"echo": "[redacted]"}
     assert not holds_a_piece_of_the_key(answered)
     assert not any(holds_a_piece_of_the_key(call[1].decode()) for call in receiver.calls)
-    with sqlite3.connect(gateway.db_path) as db:
-        stored = " ".join(str(row) for row in db.execute("SELECT * FROM jobs"))
-        stored += " ".join(str(row) for row in db.execute("SELECT * FROM outbox"))
+    stored = " ".join(str(row) for row in gateway.sql("SELECT * FROM jobs"))
+    stored += " ".join(str(row) for row in gateway.sql("SELECT * FROM outbox"))
     assert not holds_a_piece_of_the_key(stored)
 
 
@@ -83,8 +80,7 @@ async def test_an_unusable_upstream_request_id_is_never_stored_or_put_in_a_path(
 
     assert (code, body["error"]) == (502, "Bad Gateway")
     assert "request_id" in body["message"]
-    with sqlite3.connect(gateway.db_path) as db:
-        assert db.execute("SELECT upstream_id FROM jobs").fetchall() == [(None,)]
+    assert gateway.sql("SELECT upstream_id FROM jobs") == [(None,)]
     assert simulator.calls_of("status") == []
 
 

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import hmac
 import json
-import sqlite3
 import time
 
 import pytest
@@ -31,8 +30,7 @@ async def hooked(start_gateway, tmp_path) -> Gateway:
 
 
 def outbox(gateway: Gateway) -> list[tuple[str, str, int, str | None]]:
-    with sqlite3.connect(gateway.db_path) as db:
-        return db.execute("SELECT status, state, attempts, last_error FROM outbox ORDER BY id").fetchall()
+    return gateway.sql("SELECT status, state, attempts, last_error FROM outbox ORDER BY id")
 
 
 
@@ -153,9 +151,8 @@ async def test_a_cache_hit_with_a_webhook_is_told_at_once(hooked: Gateway) -> No
 
 async def test_deliveries_survive_a_restart(start_gateway, tmp_path) -> None:
     policies = policies_with(tmp_path, webhooks=FAST)
-    db = str(tmp_path / "hooks.db")
     port = free_port()
-    first = await start_gateway(db_path=db, webhook_allow_private=True, policies_dir=policies)
+    first = await start_gateway(webhook_allow_private=True, policies_dir=policies)
     _, body, _ = await first.submit(headers=auth() | {"X-Webhook-URL": f"http://127.0.0.1:{port}/hook"})
     await wait_for_status(first, body["request_id"], {"COMPLETED"})
     await first.server.close()  # the receiver was not up: the delivery is pending in the outbox
@@ -167,7 +164,7 @@ async def test_deliveries_survive_a_restart(start_gateway, tmp_path) -> None:
     server = TestServer(app, host="127.0.0.1", port=port)
     await server.start_server()
     try:
-        second = await start_gateway(db_path=db, webhook_allow_private=True, policies_dir=policies)
+        second = await start_gateway(webhook_allow_private=True, policies_dir=policies)
         await until(lambda: outbox(second)[0][1] == "delivered")
     finally:
         await server.close()
@@ -234,9 +231,8 @@ async def test_delivery_checks_the_address_it_connects_to(start_gateway, tmp_pat
     async with Receiver() as receiver:
         port = receiver.url().split(":")[2].split("/")[0]
         _, body, _ = await gateway.submit()
-        with sqlite3.connect(gateway.db_path) as db:  # as a rebinding name would have got through
-            db.execute("UPDATE handles SET webhook_url = ?, webhook_mode = 'terminal' WHERE id = ?",
-                       (f"http://localhost:{port}/hook", body["request_id"]))
+        gateway.execute("UPDATE handles SET webhook_url = ?, webhook_mode = 'terminal' WHERE id = ?",  # as a
+                        f"http://localhost:{port}/hook", body["request_id"])  # rebinding name would have got through
         await wait_for_status(gateway, body["request_id"], {"COMPLETED"})
         await until(lambda: outbox(gateway) and outbox(gateway)[0][1] == "failed")
 

@@ -47,7 +47,7 @@ def due(now: str, per_team: int, skip: tuple[int, ...] = ()) -> Tx[list[Delivery
         "ROW_NUMBER() OVER (PARTITION BY o.team ORDER BY o.next_attempt_at, o.id) AS place FROM outbox o "
         "WHERE o.state = 'pending' AND o.next_attempt_at <= ? " + (f"AND o.id NOT IN ({marks}) " if skip else "") +
         "AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.handle = o.handle AND e.state = 'pending' AND e.id < o.id)) "
-        "WHERE place <= ? ORDER BY place, id",
+        "AS due WHERE place <= ? ORDER BY place, id",
         (now, *skip, per_team),
     )
     return [Delivery(*row[:-1]) for row in rows.fetchall()]
