@@ -89,17 +89,18 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
                          allow_private=config.probe_allow_private, concurrency=rules.probe_concurrency)
     pricer = Pricer(prober, trust_input_probe=rules.trust_input_probe)
     alerts = Alerts(metrics, config.alert_webhook_url)
+    dedup = Dedup(store, cache_rules, clock, metrics, config.base_url, rules.global_period)
     pipeline = Pipeline(
         [
             Authenticate(authenticator),
             Validate(config.max_body_bytes),
-            RateLimit(),  # before anything that does outbound work or writes a handle, cache hits included
+            RateLimit(store),  # before anything that does outbound work or writes a handle, cache hits included
             Webhook(config.webhook_allow_private),
             Idempotency(store, cache_rules.idempotency_ttl_seconds, clock, config.base_url),
-            Dedup(store, cache_rules, clock, metrics, config.base_url, rules.global_period),
+            dedup,
             Price(pricer),
             Budget(store, rules, clock),
-            Record(store, alerts, metrics),
+            Record(store, alerts, metrics, join=dedup.join),
             Forward(upstream, config.base_url),
         ]
     )

@@ -26,6 +26,9 @@ from .store import PERIODS, SettingProblem, SpendRow, Store, TeamExists, Unknown
 from .store.factory import shown, store_at
 from .tabular import write_csv
 
+#: Set in each worker process ``serve --workers N`` starts (its index); the port is then shared (SO_REUSEPORT).
+WORKER_ENV = "PROXY_WORKER_INDEX"
+
 logger = logging.getLogger("proxy.cli")  # a fixed name: under "python -m" __name__ is "__main__"
 POLICIES_HELP = "policy directory (PROXY_POLICIES; default ./policies if present, else the packaged defaults)"
 
@@ -53,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (PROXY_PORT, default 8080)")
     serve.add_argument("--public-url", help="URL clients reach the gateway at (PROXY_PUBLIC_URL)")
     serve.add_argument("--upstream", help="Pixazo base URL (PIXAZO_UPSTREAM_URL, default https://gateway.pixazo.ai)")
-    serve.add_argument("--db", help="SQLite database path (PROXY_DB, default pixazo-proxy.db)")
+    serve.add_argument("--db", help="SQLite database path or postgresql:// URL (PROXY_DB, default pixazo-proxy.db)")
+    serve.add_argument("--workers", type=int, help="gateway processes sharing the port (PROXY_WORKERS, default 1)")
     serve.add_argument("--policies", type=Path, help=POLICIES_HELP)
     serve.add_argument("--metrics-port", type=int, help="also serve /metrics on this port (PROXY_METRICS_PORT)")
     serve.add_argument("--simulate", action="store_true", default=None,
@@ -126,6 +130,13 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import build_app
     from .httpserver import run
 
+    workers = args.workers if args.workers is not None else int(os.environ.get("PROXY_WORKERS", "1") or "1")
+    if workers < 1 or workers > 64:
+        raise CommandError("--workers must be from 1 to 64")
+    if workers > 1:
+        from .workers import supervise
+
+        return supervise(workers, sys.argv[1:])
     config = load_config(
         host=args.host,
         port=args.port,
@@ -144,7 +155,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     # SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to 30 s), then run the
     # cleanup contexts: background tasks stop, clients close, the store closes last.
-    run(app, host=config.host, port=config.port, loop=_event_loop(config), shutdown_timeout=30)
+    run(app, host=config.host, port=config.port, loop=_event_loop(config), shutdown_timeout=30,
+        reuse_port=os.environ.get(WORKER_ENV) is not None)
     logger.info("pixazo-proxy stopped", extra={"event": "shutdown"})
     return 0
 

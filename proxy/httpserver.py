@@ -74,14 +74,14 @@ class GatewayRunner(web.AppRunner):
 
 
 def run(app: web.Application, *, host: str, port: int, loop: asyncio.AbstractEventLoop,
-        shutdown_timeout: float) -> None:
+        shutdown_timeout: float, reuse_port: bool = False) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then stop accepting, finish what is in flight and clean up."""
     asyncio.set_event_loop(loop)
     runner = GatewayRunner(app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout)
 
     async def start() -> None:
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
 
     try:
         loop.run_until_complete(start())

@@ -14,6 +14,7 @@ from the ledger, across restarts included.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,7 +22,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -127,6 +128,13 @@ class Metrics:
     async def render(self) -> bytes:
         if self.store_collector is not None:
             await self.store_collector.refresh()
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory:  # serve --workers N: every worker's counters, added up, and the store's figures once
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined, path=directory)
+            if self.store_collector is not None:
+                combined.register(self.store_collector)
+            return generate_latest(combined)
         return generate_latest(self.registry)
 
 

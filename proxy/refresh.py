@@ -1,9 +1,11 @@
 """Bringing a job's stored status up to date, at most once per interval per upstream job.
 
-However many clients poll one job, the upstream sees at most one status call
-per refresh interval: callers that arrive while a fetch is under way wait for
-that same fetch (single flight), and callers inside the interval get the
-stored state. Terminal jobs are never fetched again. If the upstream cannot
+However many clients poll one job, on however many processes and replicas,
+the upstream sees at most one status call per refresh interval: a call is made
+only by the process that takes the job's lease in the store (good for one
+interval), callers in this process that arrive while its fetch is under way
+wait for that same fetch (single flight), and everyone else gets the stored
+state. Terminal jobs are never fetched again. If the upstream cannot
 answer, the stored state is served and the failure is logged.
 """
 
@@ -51,13 +53,12 @@ class StatusRefresher:
         self.settler = settler
         self.interval = interval_seconds
         self._in_flight: dict[int, asyncio.Future[str | None]] = {}
-        self._last_fetch: dict[int, float] = {}
 
     def _due(self, view: HandleView) -> bool:
+        """Worth trying for the lease: running, and not checked within the interval as far as the view says."""
         if view.terminal or view.upstream_id is None:
             return False
-        last = max(view.checked_at, self._last_fetch.get(view.job_id, 0.0))
-        return time.time() - last >= self.interval
+        return time.time() - view.checked_at >= self.interval
 
     async def current(self, view: HandleView) -> HandleView:
         """``view`` as fresh as the interval allows."""
@@ -67,14 +68,17 @@ class StatusRefresher:
         await self.refresh(view.job_id, view.upstream_id)
         return await self.store.get_handle(view.handle) or view
 
-    async def refresh(self, job_id: int, upstream_id: str) -> str | None:
+    async def refresh(self, job_id: int, upstream_id: str, *, leased: bool = False) -> str | None:
         """The job's status from upstream (joining a fetch under way); None if the call failed.
 
-        A job fetched less than an interval ago is not fetched again: :data:`SKIPPED`.
+        Unless this process already holds the job's lease (``leased``: the tracker claimed it), it takes it first;
+        a job any process asked about less than an interval ago is not asked about again: :data:`SKIPPED`.
         """
         flight = self._in_flight.get(job_id)
-        if flight is None and time.time() - self._last_fetch.get(job_id, 0.0) < self.interval:
-            return SKIPPED
+        if flight is None and not leased and not await self.store.claim_refresh(job_id, time.time(), self.interval):
+            flight = self._in_flight.get(job_id)  # a fetch of this process's may have started meanwhile
+            if flight is None:
+                return SKIPPED
         if flight is None:
             flight = asyncio.ensure_future(self._fetch(job_id, upstream_id))
             self._in_flight[job_id] = flight
@@ -83,7 +87,6 @@ class StatusRefresher:
 
     async def _fetch(self, job_id: int, upstream_id: str) -> str | None:
         now = time.time()
-        self._last_fetch[job_id] = now
         try:
             body = await self.upstream.status(upstream_id)
         except ProxyError as exc:
@@ -92,6 +95,4 @@ class StatusRefresher:
         update = job_update_from(body, now)
         if await self.settler.apply(job_id, update):
             logger.info("upstream job %s is %s", upstream_id, update.status)
-        if update.status in TERMINAL_STATUSES:
-            self._last_fetch.pop(job_id, None)
         return update.status

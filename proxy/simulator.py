@@ -26,6 +26,7 @@ Knobs, in process (``Simulator`` methods) or over HTTP under ``/_simulator/``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -143,7 +144,8 @@ class Simulator:
         self.outcomes.extend(outcomes)
 
     def add_fault(self, fault: Fault) -> None:
-        self.faults.append(fault)
+        """Inject ``fault``; the simulator counts down a copy, so one Fault may be given again (to another run)."""
+        self.faults.append(dataclasses.replace(fault))
 
     def finish(self, job_id: str, outcome: str) -> None:
         """End a job now (a STUCK one included) with ``outcome``."""

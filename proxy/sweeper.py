@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import timedelta
+import uuid
+from datetime import UTC, datetime, timedelta
 
 from .budget import BudgetRules
 from .clock import Clock, iso_utc
@@ -30,6 +31,8 @@ from .refresh import StatusRefresher
 from .store import TERMINAL_STATUSES, UNKNOWN_OUTCOME, Decision, JobUpdate, Reservation, Store
 
 logger = logging.getLogger(__name__)
+
+SWEEPER_LEASE = "sweeper"
 
 INDETERMINATE = "indeterminate"  # the ledger basis of a resolved indeterminate submit
 INDETERMINATE_CHARGED = ("The upstream's answer to this submit was lost (a timeout, a reset or a restart), so it may "
@@ -49,19 +52,27 @@ class Sweeper:
         self.metrics = metrics
 
     async def run(self) -> None:
-        """Sweep forever, every ``sweep_interval_seconds``; a failed sweep is logged and retried."""
+        """Sweep forever, every ``sweep_interval_seconds``; a failed sweep is logged and retried.
+
+        One process sweeps at a time: each round it takes (or renews) the store's ``sweeper`` lease for two
+        intervals; while another process holds it, this one skips its round. If the holder dies, another takes
+        over within two intervals.
+        """
+        holder = uuid.uuid4().hex
         while True:
             try:
-                await self.sweep()
+                if await self.store.take_lease(SWEEPER_LEASE, holder, time.time(), 2 * self.rules.sweep_interval_seconds):
+                    await self.sweep()
             except Exception:
                 logger.exception("sweep failed; retrying in %gs", self.rules.sweep_interval_seconds)
             await asyncio.sleep(self.rules.sweep_interval_seconds)
 
     async def sweep(self) -> int:
         """One pass; the number of reservations it resolved."""
-        now = self.clock.now()
-        cutoff = iso_utc(now - timedelta(seconds=self.rules.orphan_submit_seconds))
-        stale_cutoff = iso_utc(now - timedelta(seconds=self.rules.stale_job_seconds))
+        now = self.clock.now()  # the gateway's clock: what key expiries were computed with
+        wall = datetime.now(UTC)  # ages: the store stamps jobs and reservations with the wall clock
+        cutoff = iso_utc(wall - timedelta(seconds=self.rules.orphan_submit_seconds))
+        stale_cutoff = iso_utc(wall - timedelta(seconds=self.rules.stale_job_seconds))
         await self.store.purge_idempotency(iso_utc(now))
         resolved = 0
         for reservation in await self.store.open_reservations(created_before=cutoff):

@@ -1,10 +1,13 @@
 """The job tracker: follows every job still running upstream to its end, whether or not anyone polls.
 
-Each round it reads the running jobs from the store (so after a restart it
-resumes every job that was in flight), asks upstream about each one not
-checked within the poll interval, at most ``concurrency`` at a time, and
-applies what it hears through the same single-flight refresher client polls
-use: a job is asked about at most once per interval, however it is reached.
+Each round it claims the running jobs due a status call from the store (so
+after a restart it resumes every job that was in flight), each with a lease
+of one interval: several processes and replicas share the work, none asks
+about a job another holds, and the jobs of a process that dies are taken
+over when their leases end. It asks upstream about each, at most
+``concurrency`` at a time, and applies what it hears through the same
+refresher client polls use (whose calls take the same lease): a job is asked
+about at most once per interval, however and wherever it is reached.
 Rounds are spaced by the interval with jitter; when upstream calls fail
 (429, 5xx, timeouts), the spacing backs off exponentially up to
 ``MAX_BACKOFF_SECONDS`` and returns to normal on the first clean round.
@@ -25,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 60.0
 JITTER = 0.2
+#: Jobs one round claims at most (the rest wait for the next round, or for another process).
+CLAIM_LIMIT = 10_000
 
 
 class Tracker:
@@ -52,15 +57,15 @@ class Tracker:
     async def round(self) -> int:
         """Ask upstream about every job due; the number of calls that failed."""
         now = time.time()
-        jobs = await self.store.active_jobs()
-        due = [(job.job_id, job.upstream_id) for job in jobs if now - job.checked_at >= self.interval]
+        jobs = await self.store.claim_running(now, self.interval, CLAIM_LIMIT)
+        due = [(job.job_id, job.upstream_id) for job in jobs]
         self.lag_seconds = max([0.0] + [now - job.checked_at - self.interval for job in jobs])
         if self.metrics is not None:
             self.metrics.tracker_lag.set(self.lag_seconds)
 
         async def follow(job_id: int, upstream_id: str) -> bool:
             async with self.semaphore:
-                return await self.refresher.refresh(job_id, upstream_id) is not None
+                return await self.refresher.refresh(job_id, upstream_id, leased=True) is not None
 
         results = await asyncio.gather(*(follow(job_id, upstream_id) for job_id, upstream_id in due))
         failures = results.count(False)

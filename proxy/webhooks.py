@@ -50,6 +50,9 @@ WEBHOOKS_FILE = "webhooks.toml"
 URL_HEADER = "X-Webhook-URL"
 MODE_HEADER = "X-Webhook-Mode"
 RESOLVE_TIMEOUT_SECONDS = 3.0
+#: A claimed delivery is this process's for twice the delivery timeout plus this; a process that dies holding it
+#: loses it then, and another delivers it (with the same webhook-id).
+CLAIM_MARGIN_SECONDS = 30.0
 MAX_RETRY_AFTER_SECONDS = 36000
 
 
@@ -185,20 +188,25 @@ class WebhookSender:
         """
         if len(self._running) >= self.rules.concurrency:
             return 0
-        due = await self.store.due_deliveries(iso_utc(), per_team=self.rules.per_team, skip=tuple(self._running))
+        now = datetime.now(UTC)
+        claim_until = iso_utc(now + timedelta(seconds=2 * self.rules.timeout_seconds + CLAIM_MARGIN_SECONDS))
+        due = await self.store.due_deliveries(iso_utc(now), per_team=self.rules.per_team, skip=tuple(self._running),
+                                              claim_until=claim_until)  # no other replica is given these meanwhile
         started = 0
+        unstarted: list[int] = []
         for delivery in due:
-            if len(self._running) >= self.rules.concurrency:
-                break
             team, host = f"team:{delivery.team}", f"host:{_target(delivery.url)}"
-            if delivery.id in self._running or self._load[team] >= self.rules.per_team \
-                    or self._load[host] >= self.rules.per_host:
+            if len(self._running) >= self.rules.concurrency or delivery.id in self._running \
+                    or self._load[team] >= self.rules.per_team or self._load[host] >= self.rules.per_host:
+                unstarted.append(delivery.id)
                 continue
             self._load.update((team, host))
             task = asyncio.create_task(self._deliver(delivery), name=f"webhook-{delivery.id}")
             self._running[delivery.id] = task
             task.add_done_callback(functools.partial(self._done, delivery.id, (team, host)))
             started += 1
+        if unstarted:  # no room here now: let any process (this one included) take them at once
+            await self.store.release_claims(tuple(unstarted))
         return started
 
     def _done(self, delivery_id: int, keys: tuple[str, str], task: asyncio.Task[None]) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,7 @@ from tests.conftest import JWT_SECRET, ROOT, UPSTREAM_KEY, free_port
 
 
 class GatewayProcess:
-    def __init__(self, db: Path, upstream: str, policies: Path, *serve_args: str, **env: str) -> None:
+    def __init__(self, db: Path | str, upstream: str, policies: Path, *serve_args: str, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {key: value for key, value in os.environ.items() if not key.startswith(("PROXY_", "PIXAZO_"))}
@@ -23,14 +24,17 @@ class GatewayProcess:
                          "PROXY_POLL_INTERVAL": "0.05", **env})
         self.serve_args = serve_args
         self.process: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="gateway-", suffix=".log")  # a file: a pipe nobody reads fills up
 
     def start(self) -> GatewayProcess:
+        self.log.seek(0)
+        self.log.truncate()
         self.process = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", *self.serve_args], env=self.env, cwd=ROOT,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                        stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"gateway exited: {self.process.stderr.read().decode() if self.process.stderr else ''}")
+                raise AssertionError(f"gateway exited: {self.stderr()}")
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=1):
                     return self
@@ -44,10 +48,13 @@ class GatewayProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
 
+    def stderr(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
     def stop(self) -> str:
         """SIGTERM and wait; its stderr."""
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        _, stderr = self.process.communicate(timeout=15)
-        return stderr.decode()
+        self.process.wait(timeout=15)
+        return self.stderr()

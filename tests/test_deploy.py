@@ -40,7 +40,7 @@ def alert_queries() -> list[str]:
 
 def test_every_yaml_and_json_file_parses() -> None:
     files = sorted(path for path in DEPLOY.rglob("*") if path.suffix in (".yml", ".yaml", ".json"))
-    assert len(files) == 13
+    assert len(files) == 15  # the PodDisruptionBudget and the SQLite overlay (with its PVC) included
     for path in files:
         if path.suffix == ".json":
             assert isinstance(json.loads(path.read_text()), dict), path
@@ -177,3 +177,22 @@ def test_the_kustomization_lists_every_manifest() -> None:
     manifests = {path.name for path in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
 
     assert set(kustomization["resources"]) == manifests
+
+
+def test_kubernetes_runs_three_replicas_on_postgresql_and_the_sqlite_overlay_one() -> None:
+    k8s = DEPLOY / "k8s"
+    deployment = yaml.safe_load((k8s / "deployment.yaml").read_text())
+    secret = yaml.safe_load((k8s / "secret.yaml").read_text())
+    pdb = yaml.safe_load((k8s / "pdb.yaml").read_text())
+    overlay = yaml.safe_load((k8s / "overlays" / "sqlite" / "kustomization.yaml").read_text())
+    env = {item["name"]: item.get("value") for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    assert (deployment["spec"]["replicas"], deployment["spec"]["strategy"]["type"]) == (3, "RollingUpdate")
+    assert secret["stringData"]["PROXY_DB"].startswith("postgresql://") and "PROXY_DB" not in env
+    assert (pdb["kind"], pdb["spec"]["minAvailable"], pdb["spec"]["selector"]) == (
+        "PodDisruptionBudget", 2, deployment["spec"]["selector"])
+    assert overlay["resources"] == ["../..", "pvc.yaml"]
+    patches = "\n".join(patch["patch"] for patch in overlay["patches"])
+    assert all(piece in patches for piece in ("/spec/replicas, value: 1", "type: Recreate",
+                                              "name: PROXY_DB, value: /data/pixazo-proxy.db", "$patch: delete"))
+    assert yaml.safe_load((k8s / "overlays" / "sqlite" / "pvc.yaml").read_text())["metadata"]["name"] == "pixazo-proxy-data"

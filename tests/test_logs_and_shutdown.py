@@ -71,8 +71,8 @@ async def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(tmp_pat
     assert gateway.process is not None
     gateway.process.send_signal(signal.SIGTERM)
     response = await pending
-    _, raw = await asyncio.to_thread(gateway.process.communicate, timeout=20)  # no second signal
-    stderr = raw.decode()
+    await asyncio.to_thread(gateway.process.wait, timeout=20)  # no second signal
+    stderr = gateway.stderr()
 
     assert response.status_code == 202
     assert gateway.process.returncode == 0

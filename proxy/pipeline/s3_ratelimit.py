@@ -8,18 +8,19 @@ to grow the store without bound for free). Dry runs count in a window of
 their own, :data:`DRY_RUN_FACTOR` times the team's limit, so quoting cannot
 starve submitting, nor be used to make the gateway fetch without limit.
 
-A sliding window of request times per team, kept in this process: with one
-replica (the SQLite deployment) that is the whole truth.
+The window is kept in the store (a sliding minute of submit times per team,
+counted and added in one transaction that reads the limit too), so the limit
+holds across every gateway process and replica. A team without a limit costs
+no write.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
-from collections.abc import Callable
 
 from ..errors import TooManyRequests
+from ..store import Store
 from . import Policy, SubmitContext
 
 WINDOW_SECONDS = 60.0
@@ -30,26 +31,19 @@ DRY_RUN_FACTOR = 10
 class RateLimit(Policy):
     name = "ratelimit"
 
-    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.monotonic = monotonic
-        self.windows: dict[tuple[str, bool], deque[float]] = {}
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     async def on_request(self, ctx: SubmitContext) -> None:
         team = ctx.caller.team
-        limit = team.max_submits_per_minute
-        if limit is None:
+        if team.max_submits_per_minute is None:  # the row is at most a second old (TEAM_ROW_SECONDS)
             return
-        if ctx.dry_run:
-            limit *= DRY_RUN_FACTOR
-        now = self.monotonic()
-        window = self.windows.setdefault((team.name, ctx.dry_run), deque())
-        while window and window[0] <= now - WINDOW_SECONDS:
-            window.popleft()
-        if len(window) >= limit:
-            retry_after = max(1, math.ceil(window[0] + WINDOW_SECONDS - now))
-            what = "dry runs" if ctx.dry_run else "requests"
-            raise TooManyRequests(
-                f"Team '{team.name}' may submit {limit} {what} per minute; retry in {retry_after} s",
-                headers={"Retry-After": str(retry_after)},
-            )
-        window.append(now)
+        window = await self.store.count_submit(team.name, ctx.dry_run, time.time(), WINDOW_SECONDS, DRY_RUN_FACTOR)
+        if window.retry_after is None:
+            return
+        retry_after = max(1, math.ceil(window.retry_after))
+        what = "dry runs" if ctx.dry_run else "requests"
+        raise TooManyRequests(
+            f"Team '{team.name}' may submit {window.limit} {what} per minute; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )

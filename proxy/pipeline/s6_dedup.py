@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import timedelta
 
 from ..budget import period_key
@@ -22,6 +23,11 @@ from . import Policy, SubmitContext, accepted
 logger = logging.getLogger(__name__)
 
 CLAIM_ATTEMPTS = 3
+#: How long a request waits for an identical one another process is submitting (its upstream call's time).
+JOIN_WAIT_SECONDS = 35.0
+JOIN_POLL_SECONDS = 0.05
+LOST = ("An identical request was sent to the upstream and its answer was lost, so it may have run; it is not sent "
+        f"again until the gateway resolves it. Send {CACHE_HEADER}: bypass to submit it anyway.")
 
 
 def bypasses(ctx: SubmitContext, honor_no_cache: bool) -> bool:
@@ -75,10 +81,13 @@ class Dedup(Policy):
                 if found is None:
                     self._answered(ctx, "MISS")
                     return
-                if found.status in UNKNOWN_OUTCOME:  # not ours in flight (that would hold the claim): lost in a crash
-                    raise Conflict("An identical request was sent to the upstream and its answer was lost, so it may "
-                                   "have run; it is not sent again until the gateway resolves it. Send "
-                                   f"{CACHE_HEADER}: bypass to submit it anyway.")
+                if found.status == "SUBMITTING":  # another process is sending it now (or died doing so)
+                    if await self.join(ctx, found.job_id):
+                        return
+                    self._answered(ctx, "MISS")  # it was refused or vanished: this request sends its own
+                    return
+                if found.status in UNKNOWN_OUTCOME:  # lost in a crash, or its answer was
+                    raise Conflict(LOST)
                 self._end_claim(ctx, result=found.job_id)
                 await self._attach(ctx, found.job_id, found.status)
                 return
@@ -90,6 +99,28 @@ class Dedup(Policy):
             await self._attach(ctx, job_id, found.status if found and found.job_id == job_id else "QUEUED")
             return
         self._answered(ctx, "MISS")
+
+    async def join(self, ctx: SubmitContext, job_id: int) -> bool:
+        """Attach this request to job ``job_id``, sent by another process with the same fingerprint; False if that
+        job was refused (or ended) before it ran, so this request should send its own.
+
+        While the other process is still submitting, wait (up to :data:`JOIN_WAIT_SECONDS`) for the outcome.
+        """
+        deadline = time.monotonic() + JOIN_WAIT_SECONDS
+        status = await self.store.job_status(job_id) if job_id else None
+        while status == "SUBMITTING":
+            if time.monotonic() > deadline:
+                raise Conflict("An identical request is being sent to the upstream right now; retry shortly to "
+                               f"share its job (or send {CACHE_HEADER}: bypass to submit it anyway)")
+            await asyncio.sleep(JOIN_POLL_SECONDS)
+            status = await self.store.job_status(job_id)
+        if status == "INDETERMINATE":
+            raise Conflict(LOST)
+        if status not in ("QUEUED", "PROCESSING", "COMPLETED"):
+            return False
+        self._end_claim(ctx, result=job_id)
+        await self._attach(ctx, job_id, status)
+        return True
 
     def _answered(self, ctx: SubmitContext, result: str) -> None:
         """How the cache answered, counted when decided (a request refused later still was a miss)."""

@@ -10,30 +10,44 @@ upstream's shape, with the gateway's handle and polling URL.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from ..alerts import Alerts
 from ..budget import budget_headers
 from ..clock import new_request_id
-from ..errors import UpstreamRefused, UpstreamUnavailable
+from ..errors import Conflict, UpstreamRefused, UpstreamUnavailable
 from ..metrics import Metrics
 from ..money import micros_to_usd
-from ..store import Store
+from ..store import FingerprintTaken, Store
 from ..upstream import Upstream
 from . import Policy, StageNotRun, SubmitContext, accepted
 
 logger = logging.getLogger(__name__)
 
+#: How Record joins the job of an identical request that won the race to submit (the dedup policy's ``join``).
+Join = Callable[[SubmitContext, int], Awaitable[bool]]
+JOIN_ATTEMPTS = 3
+
 class Record(Policy):
     name = "record"
 
-    def __init__(self, store: Store, alerts: Alerts, metrics: Metrics) -> None:
+    def __init__(self, store: Store, alerts: Alerts, metrics: Metrics, join: Join) -> None:
         self.store = store
         self.alerts = alerts
         self.metrics = metrics
+        self.join = join
 
     async def on_request(self, ctx: SubmitContext) -> None:
         ctx.handle = ctx.handle or new_request_id(ctx.model.id)
-        receipt = await self.store.begin_submission(ctx.submission(ctx.handle, cache=ctx.cache), ctx.hold)
+        for _ in range(JOIN_ATTEMPTS):
+            try:
+                receipt = await self.store.begin_submission(ctx.submission(ctx.handle, cache=ctx.cache), ctx.hold)
+                break
+            except FingerprintTaken as taken:  # an identical request won the race on another process
+                if await self.join(ctx, taken.job_id):
+                    return  # joined its job: nothing reserved, nothing sent
+        else:
+            raise Conflict("Identical requests keep racing this one; retry shortly")
         ctx.job_id = receipt.job_id
         if receipt.budget is not None:
             ctx.response_headers.update(budget_headers(ctx.estimate, receipt.budget))
@@ -41,8 +55,8 @@ class Record(Policy):
             self.alerts.soft_limit(receipt.alert)
 
     async def on_response(self, ctx: SubmitContext) -> None:
-        if ctx.job_id is None:
-            raise StageNotRun("the record policy's on_response ran without its on_request")
+        if ctx.job_id is None:  # it joined an identical request's job (see on_request): nothing of its own to mark
+            return
         await self.store.mark_submitted(ctx.job_id, ctx.upstream["request_id"], _initial_status(ctx.upstream))
         if logger.isEnabledFor(logging.DEBUG):  # the access line says this at INFO; skip building it otherwise
             principal = ctx.caller.principal

@@ -97,6 +97,16 @@ class UnknownTeam(StoreError):
     pass
 
 
+class FingerprintTaken(StoreError):
+    """An identical request (its fingerprint) is already being submitted or running, possibly on another process:
+    the new one should join job ``job_id`` rather than send a second upstream submit."""
+
+    def __init__(self, job_id: int, status: str) -> None:
+        super().__init__(f"job {job_id} ({status}) holds this fingerprint")
+        self.job_id = job_id
+        self.status = status
+
+
 class EntryRefused(StoreError):
     """A manual ledger entry that would break a rule (a refund larger than what was spent)."""
 
@@ -239,6 +249,15 @@ class RunningJob:
     job_id: int
     upstream_id: str
     checked_at: float
+
+
+@dataclass(frozen=True)
+class SubmitWindow:
+    """A team's submits in the last minute, counted across every process: admitted, or when to retry."""
+
+    limit: int | None
+    used: int
+    retry_after: float | None  # None: this submit was admitted (and counted)
 
 
 @dataclass(frozen=True)
@@ -409,6 +428,26 @@ class Store(Protocol):
         """Every job still running upstream, least recently checked first."""
         ...
 
+    async def job_status(self, job_id: int) -> str | None: ...
+
+    async def claim_refresh(self, job_id: int, now: float, interval: float) -> bool:
+        """Take the job's lease for one status call (True), unless any process asked about it within ``interval``."""
+        ...
+
+    async def claim_running(self, now: float, interval: float, limit: int) -> list[RunningJob]:
+        """Lease up to ``limit`` running jobs due a status call (least recently checked first) to this process;
+        a process that dies holding some loses them when their lease ends."""
+        ...
+
+    async def count_submit(self, team: str, dry_run: bool, now: float, window: float, factor: int) -> SubmitWindow:
+        """Count one submit (or dry run: ``factor`` times the limit) against the team's per-minute limit, read in
+        this transaction; refused ones are not counted."""
+        ...
+
+    async def take_lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
+        """Hold the named lease (work one process does at a time) for ``seconds``, unless another holder has it."""
+        ...
+
     async def reservation(self, job_id: int) -> Reservation | None: ...
 
     async def open_reservations(self, created_before: str) -> list[Reservation]: ...
@@ -435,9 +474,15 @@ class Store(Protocol):
 
     async def handles_of(self, team: str, limit: int = 100, before: str | None = None) -> list[HandleView]: ...
 
-    async def due_deliveries(self, now: str, per_team: int = 8, skip: tuple[int, ...] = ()) -> list[Delivery]:
+    async def due_deliveries(self, now: str, per_team: int = 8, skip: tuple[int, ...] = (),
+                             claim_until: str | None = None) -> list[Delivery]:
         """Pending webhook deliveries whose time has come: the head of each handle's queue, at most ``per_team``
-        per team, none of ``skip``; the teams interleaved, oldest first within each."""
+        per team, none of ``skip``; the teams interleaved, oldest first within each. With ``claim_until`` they are
+        claimed for this process until then: no other process is given them meanwhile."""
+        ...
+
+    async def release_claims(self, delivery_ids: tuple[int, ...]) -> None:
+        """Give back claimed deliveries this process will not start now."""
         ...
 
     async def delivery_done(self, delivery_id: int, *, delivered: bool, attempts: int, next_attempt_at: str | None,

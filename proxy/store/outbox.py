@@ -45,9 +45,23 @@ def due(now: str, per_team: int, skip: tuple[int, ...] = ()) -> Tx[list[Delivery
     rows = yield Sql(
         "SELECT * FROM (SELECT o.id, o.message_id, o.handle, o.team, o.url, o.status, o.payload, o.attempts, "
         "ROW_NUMBER() OVER (PARTITION BY o.team ORDER BY o.next_attempt_at, o.id) AS place FROM outbox o "
-        "WHERE o.state = 'pending' AND o.next_attempt_at <= ? " + (f"AND o.id NOT IN ({marks}) " if skip else "") +
+        "WHERE o.state = 'pending' AND o.next_attempt_at <= ? AND o.claimed_until <= ? " +
+        (f"AND o.id NOT IN ({marks}) " if skip else "") +
         "AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.handle = o.handle AND e.state = 'pending' AND e.id < o.id)) "
         "AS due WHERE place <= ? ORDER BY place, id",
-        (now, *skip, per_team),
+        (now, now, *skip, per_team),
     )
     return [Delivery(*row[:-1]) for row in rows.fetchall()]
+
+
+def claim(now: str, per_team: int, skip: tuple[int, ...], claim_until: str) -> Tx[list[Delivery]]:
+    """:func:`due`, each row claimed until ``claim_until`` by a conditional update: of processes claiming together,
+    each row goes to one (PostgreSQL re-checks the condition on the row a waiting update gets)."""
+    found = yield from due(now, per_team, skip)
+    if not found:
+        return []
+    marks = ", ".join("?" for _ in found)
+    rows = yield Sql(f"UPDATE outbox SET claimed_until = ? WHERE id IN ({marks}) AND state = 'pending' "
+                     "AND claimed_until <= ? RETURNING id", (claim_until, *(d.id for d in found), now))
+    claimed = {row[0] for row in rows.fetchall()}
+    return [delivery for delivery in found if delivery.id in claimed]

@@ -167,8 +167,9 @@ async def run_async(conn: asyncpg.Connection, tx: Tx[T]) -> T:
         statement: Sql = next(tx)
         while True:
             rows: Rows
-            text = _numbered(statement.text)
-            if _returns_rows(statement.text):
+            source = statement.postgres or statement.text
+            text = _numbered(source)
+            if _returns_rows(source):
                 records = await conn.fetch(text, *statement.params)
                 rows = Fetched([_row(record) for record in records], len(records))
             else:

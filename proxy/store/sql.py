@@ -23,11 +23,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Sql:
-    """One statement. ``postgres_only``: a lock SQLite does not need (its single writer already serializes)."""
+    """One statement. ``postgres_only``: a lock SQLite does not need (its single writer already serializes);
+    ``postgres``: PostgreSQL's own text for it (``FOR UPDATE SKIP LOCKED``), the same placeholders."""
 
     text: str
     params: tuple[Any, ...] = ()
     postgres_only: bool = False
+    postgres: str | None = None
 
 
 class Rows(Protocol):

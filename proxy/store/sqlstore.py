@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..clock import iso_utc
+from ..errors import Conflict
 from ..ttlcache import TtlCache
 from ..values import Hold
 from ..views import status_body
@@ -26,6 +27,7 @@ from . import (
     BudgetView,
     Decision,
     Delivery,
+    FingerprintTaken,
     HandleView,
     HoldCheck,
     JobUpdate,
@@ -38,6 +40,7 @@ from . import (
     Saving,
     SpendRow,
     Submission,
+    SubmitWindow,
     Team,
     TeamExists,
     UnknownTeam,
@@ -68,6 +71,10 @@ RESERVATION_SELECT = """
 WEBHOOK_HANDLES = (HANDLE_SELECT.replace("SELECT h.id,", "SELECT h.webhook_url, h.webhook_mode, h.id,")
                    + " AND h.job_id = ? AND h.webhook_url IS NOT NULL")
 TERMINAL = "(" + ", ".join(f"'{status}'" for status in TERMINAL_STATUSES) + ")"
+#: Jobs whose fingerprint a new identical submit must join rather than send again (see jobs_live_fingerprint).
+LIVE = "('SUBMITTING', 'QUEUED', 'PROCESSING', 'INDETERMINATE')"
+#: What a running job may be leased for: a status call, however reached.
+RUNNING = "status IN ('QUEUED', 'PROCESSING') AND upstream_id IS NOT NULL"
 #: Expired idempotency keys deleted per write transaction.
 PURGE_BATCH = 1000
 #: How long a team row read for a request is reused; changes made by another process (the CLI, another replica)
@@ -207,6 +214,27 @@ class SqlStore:
                                        "'PROCESSING') AND upstream_id IS NOT NULL ORDER BY checked_at LIMIT ?", limit)
         return [RunningJob(*row) for row in rows]
 
+    async def job_status(self, job_id: int) -> str | None:
+        row = await self._point("SELECT status FROM jobs WHERE id = ?", job_id)
+        return str(row[0]) if row else None
+
+    async def claim_refresh(self, job_id: int, now: float, interval: float) -> bool:
+        return await self._write(changed, "UPDATE jobs SET lease_until = ? WHERE id = ? AND lease_until <= ? AND "
+                                          "status IN ('QUEUED', 'PROCESSING') AND upstream_id IS NOT NULL",
+                                 now + interval, job_id, now) == 1
+
+    async def claim_running(self, now: float, interval: float, limit: int) -> list[RunningJob]:
+        return await self._write(_claim_running, now, interval, limit)
+
+    async def count_submit(self, team: str, dry_run: bool, now: float, window: float, factor: int) -> SubmitWindow:
+        return await self._write(_count_submit, team, dry_run, now, window, factor)
+
+    async def take_lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
+        return await self._write(changed, "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?) ON CONFLICT (name) "
+                                          "DO UPDATE SET holder = excluded.holder, until = excluded.until "
+                                          "WHERE leases.until <= ? OR leases.holder = excluded.holder",
+                                 name, holder, now + seconds, now) == 1
+
     async def reservation(self, job_id: int) -> Reservation | None:
         row = await self._read(one, RESERVATION_SELECT + " WHERE r.job_id = ?", job_id)
         return reservation(row) if row else None
@@ -218,15 +246,22 @@ class SqlStore:
 
     # webhooks
 
-    async def due_deliveries(self, now: str, per_team: int = 8, skip: tuple[int, ...] = ()) -> list[Delivery]:
-        return await self._read(outbox.due, now, per_team, skip)
+    async def due_deliveries(self, now: str, per_team: int = 8, skip: tuple[int, ...] = (),
+                             claim_until: str | None = None) -> list[Delivery]:
+        if claim_until is None:
+            return await self._read(outbox.due, now, per_team, skip)
+        return await self._write(outbox.claim, now, per_team, skip, claim_until)
+
+    async def release_claims(self, delivery_ids: tuple[int, ...]) -> None:
+        marks = ", ".join("?" for _ in delivery_ids)
+        await self._write(changed, f"UPDATE outbox SET claimed_until = '' WHERE id IN ({marks})", *delivery_ids)
 
     async def delivery_done(self, delivery_id: int, *, delivered: bool, attempts: int, next_attempt_at: str | None,
                             error: str | None) -> None:
         """Record one attempt: delivered, to be retried at ``next_attempt_at``, or (neither) given up."""
         state = "delivered" if delivered else ("pending" if next_attempt_at else "failed")
         await self._write(changed, "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = COALESCE(?, "
-                                   "next_attempt_at), last_error = ?, finished_at = ? WHERE id = ?",
+                                   "next_attempt_at), last_error = ?, finished_at = ?, claimed_until = '' WHERE id = ?",
                           state, attempts, next_attempt_at, error, None if state == "pending" else iso_utc(),
                           delivery_id)
 
@@ -289,9 +324,18 @@ def team_in(name: str) -> Tx[Team]:
 
 
 def _begin_submission(submission: Submission, hold: Hold | None, now: str) -> Tx[Receipt]:
-    (job_id,) = yield from one("INSERT INTO jobs (model, params, status, created_at, updated_at, fingerprint) "
-                               "VALUES (?, ?, 'SUBMITTING', ?, ?, ?) RETURNING id",
-                               submission.model, submission.params_json, now, now, submission.fingerprint)
+    claims = submission.cache == "MISS" and submission.fingerprint is not None
+    inserted = yield from one("INSERT INTO jobs (model, params, status, created_at, updated_at, fingerprint, "
+                              "claims_fingerprint) VALUES (?, ?, 'SUBMITTING', ?, ?, ?, ?) ON CONFLICT DO NOTHING "
+                              "RETURNING id", submission.model, submission.params_json, now, now, submission.fingerprint,
+                              1 if claims else 0)
+    if inserted is None:  # a live job holds this fingerprint (jobs_live_fingerprint): another process sends it
+        holder = yield from one(f"SELECT id, status FROM jobs WHERE fingerprint = ? AND claims_fingerprint = 1 AND "
+                                f"status IN {LIVE}", submission.fingerprint)
+        if holder is None:  # it ended between the two statements: the caller tries again
+            raise FingerprintTaken(0, "ENDED")
+        raise FingerprintTaken(int(holder[0]), str(holder[1]))
+    (job_id,) = inserted
     yield from _insert_handle(submission, job_id, now)
     if hold is None:
         return Receipt(job_id)
@@ -353,6 +397,33 @@ def _update_job(job_id: int, update: JobUpdate, decision: Decision | None, now: 
     if before is None or before[0] != update.status:
         yield from _notify(job_id, update.status, now)
     return True
+
+
+def _claim_running(now: float, interval: float, limit: int) -> Tx[list[RunningJob]]:
+    select = f"SELECT id FROM jobs WHERE {RUNNING} AND checked_at <= ? AND lease_until <= ? ORDER BY checked_at LIMIT ?"
+    rows = yield Sql(f"UPDATE jobs SET lease_until = ? WHERE id IN ({select}) RETURNING id, upstream_id, checked_at",
+                     (now + interval, now - interval, now, limit),
+                     postgres=f"UPDATE jobs SET lease_until = ? WHERE id IN ({select} FOR UPDATE SKIP LOCKED) "
+                              "RETURNING id, upstream_id, checked_at")
+    return sorted((RunningJob(*row) for row in rows.fetchall()), key=lambda job: job.checked_at)
+
+
+def _count_submit(team: str, dry_run: bool, now: float, window: float, factor: int) -> Tx[SubmitWindow]:
+    yield Sql("SELECT name FROM teams WHERE name = ? FOR UPDATE", (team,), postgres_only=True)  # one at a time
+    row = yield from one("SELECT max_submits_per_minute FROM teams WHERE name = ?", team)
+    if row is None:
+        raise UnknownTeam(team)
+    if row[0] is None:
+        return SubmitWindow(None, 0, None)
+    limit = int(row[0]) * (factor if dry_run else 1)
+    kind = 1 if dry_run else 0
+    yield Sql("DELETE FROM submit_times WHERE team = ? AND dry_run = ? AND at <= ?", (team, kind, now - window))
+    used, oldest = yield from one("SELECT COUNT(*), MIN(at) FROM submit_times WHERE team = ? AND dry_run = ?",
+                                  team, kind)
+    if used >= limit:
+        return SubmitWindow(limit, used, max(0.0, oldest + window - now))
+    yield Sql("INSERT INTO submit_times (team, dry_run, at) VALUES (?, ?, ?)", (team, kind, now))
+    return SubmitWindow(limit, used + 1, None)
 
 
 def _webhook_secret(team: str, rotate: bool, fresh: str) -> Tx[str]:
@@ -443,12 +514,17 @@ def _insert_handle(submission: Submission, job_id: int, now: str) -> Tx[None]:
     )
     record = submission.idempotency
     if record is not None:
-        yield Sql(
+        rows = yield Sql(
             "INSERT INTO idempotency_keys (team, user_id, idempotency_key, request_hash, handle, expires_at) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (team, user_id, idempotency_key) DO UPDATE SET "
-            "request_hash = excluded.request_hash, handle = excluded.handle, expires_at = excluded.expires_at",
-            (submission.team, submission.user, record.key, record.request_hash, submission.handle, record.expires_at),
+            "request_hash = excluded.request_hash, handle = excluded.handle, expires_at = excluded.expires_at "
+            "WHERE idempotency_keys.expires_at <= ? OR idempotency_keys.handle IN (SELECT h.id FROM handles h "
+            "JOIN jobs j ON j.id = h.job_id WHERE j.status = 'REJECTED')",
+            (submission.team, submission.user, record.key, record.request_hash, submission.handle, record.expires_at,
+             now),
         )
+        if rows.rowcount != 1:  # the key names a live handle: another process is submitting with it right now
+            raise Conflict("A request with this Idempotency-Key is still being processed; retry shortly")
 
 
 def _notify(job_id: int, status: str, now: str, handle: str | None = None) -> Tx[None]:

@@ -1,0 +1,227 @@
+"""Several gateway processes on one database: one set of books, one upstream job per identical request, one status
+call per interval per job, and a SIGKILLed replica's work finished by the others.
+
+Three ``pixazo-proxy serve`` processes share a PostgreSQL database (and, for ``--workers 2``, two workers share a
+SQLite file) in front of one simulator; requests are spread over them round-robin, all at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.simulator import Simulator
+from proxy.store.factory import store_at
+from tests.conftest import POLICIES, TEXT_PATH, Receiver, auth, policies_with
+from tests.databases import Peek
+from tests.processes import GatewayProcess
+
+PRICE = 420_000  # the default text-to-video submit: 6 s at 720p
+
+
+async def _teams(location: str, teams: dict[str, int]) -> None:
+    store = store_at(location)
+    await store.open()
+    try:
+        for name, limit in teams.items():
+            await store.create_team(name, limit, "month")
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> AsyncIterator[str]:
+    server, reason = postgres_server
+    if server is None:
+        pytest.skip(f"PostgreSQL: {reason}")
+    url = server.create()
+    yield url
+    server.drop(url)
+
+
+Replicas = Callable[..., Awaitable[list[GatewayProcess]]]
+
+
+@pytest.fixture
+async def replicas(simulator: Simulator) -> AsyncIterator[Replicas]:
+    started: list[GatewayProcess] = []
+
+    async def start(location: str, count: int = 3, teams: dict[str, int] | None = None, policies: Path = POLICIES,
+                    *serve_args: str, **env: str) -> list[GatewayProcess]:
+        await _teams(location, teams if teams is not None else {"design": 50_000_000})
+        found = [GatewayProcess(location, simulator.url, policies, *serve_args, **env)  # type: ignore[attr-defined]
+                 for _ in range(count)]
+        for process in found:
+            await asyncio.to_thread(process.start)
+            started.append(process)
+        return found
+
+    yield start
+    for process in started:
+        if process.process is not None and process.process.poll() is None:
+            await asyncio.to_thread(process.stop)
+        errors = [line for line in process.stderr().splitlines() if '"level": "error"' in line]
+        if errors:  # shown with the failure a test reports, if any
+            print(f"gateway on port {process.port} logged errors:", *errors[:20], sep="\n")
+
+
+async def _spread(urls: list[str], count: int, body: Callable[[int], dict[str, Any]],
+                  headers: dict[str, str] | None = None) -> list[tuple[int, Any]]:
+    async with aiohttp.ClientSession() as http:
+        async def one(i: int) -> tuple[int, Any]:
+            async with http.post(urls[i % len(urls)] + TEXT_PATH, json=body(i), headers=headers or auth()) as response:
+                return response.status, await response.json()
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def _status(url: str, handle: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/v2/requests/status/{handle}", headers=auth()) as response:
+        assert response.status == 200
+        return await response.json()
+
+
+async def _until(check: Callable[[], Any], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+def _books_are_closed(db: Peek) -> bool:
+    return db.rows("SELECT COUNT(*) FROM reservations WHERE state = 'open'") == [(0,)]
+
+
+async def _mismatches(location: str) -> list[str]:
+    store = store_at(location)
+    await store.open()
+    try:
+        return await store.ledger_mismatches()
+    finally:
+        await store.close()
+
+
+async def test_a_budget_race_over_three_replicas_admits_exactly_what_it_holds(postgres_url: str, replicas: Replicas,
+                                                                              simulator: Simulator) -> None:
+    gateways = await replicas(postgres_url, teams={"design": 5 * PRICE})
+
+    answers = await _spread([g.url for g in gateways], 30, lambda i: {"prompt": f"distinct {i}"})
+
+    codes = [code for code, _ in answers]
+    assert (codes.count(202), codes.count(402)) == (5, 25)
+    assert len(simulator.calls_of("submit")) == 5
+    db = Peek(postgres_url)
+    await _until(lambda: _books_are_closed(db))
+    assert db.rows("SELECT spent_micros, reserved_micros FROM budget_totals WHERE scope = 'team:design'") == [
+        (5 * PRICE, 0)]
+    assert await _mismatches(postgres_url) == []
+
+
+async def test_twelve_identical_submits_over_three_replicas_make_one_upstream_job(postgres_url: str,
+                                                                                 replicas: Replicas,
+                                                                                 simulator: Simulator) -> None:
+    gateways = await replicas(postgres_url)
+    simulator.settings.processing_seconds = 0.5
+
+    answers = await _spread([g.url for g in gateways], 12, lambda i: {"prompt": "the same lighthouse"})
+
+    assert [code for code, _ in answers] == [202] * 12
+    assert len(simulator.calls_of("submit")) == 1
+    handles = [body["request_id"] for _, body in answers]
+    assert len(set(handles)) == 12
+    finals = []
+    for i, handle in enumerate(handles):
+        deadline = time.monotonic() + 20
+        while (final := await _status(gateways[i % 3].url, handle))["status"] != "COMPLETED":
+            assert time.monotonic() < deadline, final
+            await asyncio.sleep(0.05)
+        finals.append(final)
+    assert len({json.dumps(final["output"], sort_keys=True) for final in finals}) == 1
+    db = Peek(postgres_url)
+    assert db.rows("SELECT kind, COUNT(*) FROM ledger GROUP BY kind ORDER BY kind") == [
+        ("reserve", 1), ("saving", 11), ("settle", 1)]
+    assert db.rows("SELECT spent_micros FROM budget_totals WHERE scope = 'team:design'") == [(PRICE,)]
+    assert await _mismatches(postgres_url) == []
+
+
+async def test_200_polls_over_three_replicas_ask_the_upstream_once_per_interval(postgres_url: str,
+                                                                               replicas: Replicas,
+                                                                               simulator: Simulator) -> None:
+    interval = 0.4
+    gateways = await replicas(postgres_url, PROXY_POLL_INTERVAL=str(interval))
+    simulator.queue_outcomes("STUCK")
+    [(code, body)] = await _spread([gateways[0].url], 1, lambda i: {"prompt": "a stuck one"})
+    assert code == 202
+    handle = body["request_id"]
+    before = len(simulator.calls_of("status"))
+    started = time.monotonic()
+
+    async with aiohttp.ClientSession() as http:
+        async def poll(i: int) -> int:
+            async with http.get(f"{gateways[i % 3].url}/v2/requests/status/{handle}", headers=auth()) as response:
+                await response.read()
+                return response.status
+        codes = await asyncio.gather(*(poll(i) for i in range(200)))
+        while time.monotonic() - started < 1.3:  # and again, spread over several intervals
+            codes += await asyncio.gather(*(poll(i) for i in range(30)))
+    elapsed = time.monotonic() - started
+    calls = len(simulator.calls_of("status")) - before
+
+    assert set(codes) == {200}
+    assert 1 <= calls <= int(elapsed / interval) + 1
+
+
+async def test_a_killed_replicas_jobs_and_webhooks_are_finished_by_the_others(postgres_url: str, replicas: Replicas,
+                                                                             simulator: Simulator, tmp_path) -> None:
+    policies = policies_with(tmp_path, webhooks="delivery: timeout_seconds = 1.0")
+    simulator.settings.processing_seconds = 1.0
+    hang = asyncio.Event()
+
+    class Hanging(Receiver):
+        async def handle(self, request):  # hangs until the replica holding the delivery is dead, then answers
+            self.calls.append((dict(request.headers), await request.read(), time.monotonic()))
+            if not hang.is_set():
+                await asyncio.sleep(30)
+            return aiohttp.web.Response(status=200)
+
+    async with Hanging() as receiver:
+        gateways = await replicas(postgres_url, 3, None, policies, PROXY_WEBHOOK_ALLOW_PRIVATE="1")
+        doomed = gateways[0]
+        headers = auth() | {"X-Webhook-URL": receiver.url(), "X-Webhook-Mode": "sync"}
+        answers = await _spread([doomed.url], 4, lambda i: {"prompt": f"doomed {i}"}, headers)
+        assert [code for code, _ in answers] == [202] * 4
+        await _until(lambda: len(receiver.calls) >= 1)  # a delivery is in flight, claimed by a replica
+
+        doomed.kill()
+        hang.set()
+
+        db = Peek(postgres_url)
+        await _until(lambda: db.rows("SELECT COUNT(*) FROM jobs WHERE status = 'COMPLETED'") == [(4,)], timeout=30)
+        await _until(lambda: db.rows("SELECT COUNT(*) FROM outbox WHERE state <> 'delivered'") == [(0,)], timeout=30)
+
+    assert _books_are_closed(db)
+    assert await _mismatches(postgres_url) == []
+    delivered = {(body_of["request_id"], body_of["status"]) for body_of in receiver.delivered()}
+    assert {status for _, status in delivered} >= {"COMPLETED"}
+    assert {handle for handle, status in delivered if status == "COMPLETED"} == {b["request_id"] for _, b in answers}
+    ids = [headers_of["webhook-id"] for headers_of, _, _ in receiver.calls]
+    assert len(ids) >= len(set(ids))  # a retried delivery carries its webhook-id again
+    assert db.rows("SELECT COUNT(*) FROM outbox") == [(len(set(ids)),)]
+
+
+async def test_two_workers_on_one_sqlite_file_never_overspend(replicas: Replicas, tmp_path, simulator: Simulator) -> None:
+    db = str(tmp_path / "workers.db")
+    [gateway] = await replicas(db, 1, {"design": 5 * PRICE}, POLICIES, "--workers", "2")
+
+    answers = await _spread([gateway.url], 30, lambda i: {"prompt": f"distinct {i}"})
+
+    codes = [code for code, _ in answers]
+    assert (codes.count(202), codes.count(402)) == (5, 25)
+    assert len(simulator.calls_of("submit")) == 5
+    assert await _mismatches(db) == []
