@@ -70,16 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--budget", required=True, help="budget limit in USD, e.g. 250 or 12.50")
     create.add_argument("--period", choices=PERIODS, default="month", help="budget period (default month)")
     create.add_argument("--exist-ok", action="store_true", help="succeed without change if the team exists")
-    create.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    create.add_argument("--db", help="SQLite database path or postgresql:// URL (PROXY_DB)")
     create.add_argument("--policies", type=Path, help=POLICIES_HELP + "; its soft threshold is the default")
     create.set_defaults(run=_teams_create)
     update = teams.add_parser("update", help="change a team's budget or limits (takes effect on the next request)")
     update.add_argument("name")
-    update.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    update.add_argument("--db", help="SQLite database path or postgresql:// URL (PROXY_DB)")
     show = teams.add_parser("show", help="a team's settings and its current period's spend")
     show.add_argument("name")
     show.add_argument("--json", action="store_true", help="print JSON")
-    show.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    show.add_argument("--db", help="SQLite database path or postgresql:// URL (PROXY_DB)")
     show.set_defaults(run=_teams_show)
     for command in (create, update):
         if command is update:
@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     update.set_defaults(run=_teams_update)
     listing = teams.add_parser("list", help="list teams")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    listing.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    listing.add_argument("--db", help="SQLite database path or postgresql:// URL (PROXY_DB)")
     listing.set_defaults(run=_teams_list)
 
     token = commands.add_parser("token", help="gateway tokens").add_subparsers(dest="action", required=True)
@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--team", help="only this team")
     report.add_argument("--period", help="period key (2026-11, 2026-W48, 2026-11-24, total); default: each team's current")
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    report.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    report.add_argument("--db", help="SQLite database path or postgresql:// URL (PROXY_DB)")
     report.set_defaults(run=_spend_report)
 
     ledger = commands.add_parser("ledger", help="a team's ledger, newest first")
@@ -116,8 +116,14 @@ def _parser() -> argparse.ArgumentParser:
     ledger.add_argument("--period", help="only this period key")
     ledger.add_argument("--limit", type=int, default=100)
     ledger.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    ledger.add_argument("--db", help="SQLite database path (PROXY_DB)")
+    ledger.add_argument("--db", help="SQLite database path or postgresql:// URL (PROXY_DB)")
     ledger.set_defaults(run=_ledger)
+
+    db = commands.add_parser("db", help="the store").add_subparsers(dest="action", required=True)
+    copy = db.add_parser("copy", help="copy a gateway's books into an empty store (e.g. SQLite to PostgreSQL)")
+    copy.add_argument("--from", dest="source", required=True, help="the store to read: a SQLite path or a URL")
+    copy.add_argument("--to", dest="target", required=True, help="an empty store: a postgresql:// URL or a path")
+    copy.set_defaults(run=_db_copy)
 
     policies = commands.add_parser("policies", help="policy files").add_subparsers(dest="action", required=True)
     check = policies.add_parser("check", help="validate the policy files")
@@ -335,6 +341,24 @@ def _ledger(args: argparse.Namespace) -> int:
         raise CommandError("--limit must be between 1 and 100000")
     entries = asyncio.run(_with_store(_store_path(args), lambda s: s.ledger(args.team, args.period, args.limit)))
     _print_rows([entry_json(entry) for entry in entries], args.format)
+    return 0
+
+
+def _db_copy(args: argparse.Namespace) -> int:
+    from .store.copy import TargetNotEmpty, copy_books
+
+    async def copy(source: Any) -> Any:
+        return await _with_store(args.target, lambda target: copy_books(source, target))
+
+    try:
+        copied = asyncio.run(_with_store(args.source, copy))
+    except TargetNotEmpty as exc:
+        raise CommandError(f"{shown(args.target)}: {exc}") from None
+    for table, count in copied.rows.items():
+        print(f"{table}: {count} rows")
+    if copied.mismatches:
+        raise CommandError("the copy's totals do not match its ledger: " + "; ".join(copied.mismatches[:5]))
+    print(f"copied into {shown(args.target)}; its totals match its ledger")
     return 0
 
 
