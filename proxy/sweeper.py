@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 
 from .budget import BudgetRules
 from .clock import Clock, iso_utc
+from .errors import StoreUnavailable
 from .metrics import Metrics
 from .money import micros_to_usd
 from .refresh import StatusRefresher
@@ -63,6 +64,8 @@ class Sweeper:
             try:
                 if await self.store.take_lease(SWEEPER_LEASE, holder, time.time(), 2 * self.rules.sweep_interval_seconds):
                     await self.sweep()
+            except StoreUnavailable as exc:
+                logger.warning("sweep skipped: %s", exc.message)
             except Exception:
                 logger.exception("sweep failed; retrying in %gs", self.rules.sweep_interval_seconds)
             await asyncio.sleep(self.rules.sweep_interval_seconds)

@@ -20,6 +20,7 @@ import logging
 import random
 import time
 
+from .errors import StoreUnavailable
 from .metrics import Metrics
 from .refresh import StatusRefresher
 from .store import Store
@@ -47,6 +48,9 @@ class Tracker:
         while True:
             try:
                 failures = await self.round()
+            except StoreUnavailable as exc:  # the database is away: say so in a line, and back off
+                logger.warning("tracker round skipped: %s", exc.message)
+                failures = 1
             except Exception:
                 logger.exception("tracker round failed")
                 failures = 1

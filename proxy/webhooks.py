@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from .clock import iso_utc
-from .errors import BadRequest
+from .errors import BadRequest, StoreUnavailable
 from .headers import retry_after as retry_after_header
 from .metrics import Metrics
 from .netguard import BlockedAddress, check_literal_host, is_public_address, literal_address, outbound_session
@@ -169,6 +169,8 @@ class WebhookSender:
         while True:
             try:
                 await self.dispatch()
+            except StoreUnavailable as exc:  # the database is away: deliveries wait in the outbox meanwhile
+                logger.warning("webhook dispatch skipped: %s", exc.message)
             except Exception:
                 logger.exception("webhook dispatch failed")
             self._finished.clear()

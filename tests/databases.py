@@ -60,9 +60,16 @@ class ThrowawayCluster:
             self.as_user = ["runuser", "-u", "postgres", "--"]
         data = self.directory / "data"
         self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.directory / "log"), "-w", "-o",
-                  f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        self.start_server()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start_server(self) -> None:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.directory / "data"), "-l", str(self.directory / "log"),
+                  "-w", "-o", f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+
+    def stop_server(self) -> None:
+        """Stop the server (fast shutdown: connections are cut), keeping its data for ``start_server``."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.directory / "data"), "-m", "fast", "-w", "stop")
 
     def _run(self, *command: str) -> None:
         subprocess.run([*self.as_user, *command], check=True, capture_output=True, timeout=60)

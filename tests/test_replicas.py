@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from proxy.simulator import Simulator
 from proxy.store.factory import store_at
 from tests.conftest import POLICIES, TEXT_PATH, Receiver, auth, policies_with
-from tests.databases import Peek
+from tests.databases import Peek, ThrowawayCluster, wait_until_accepting, with_database
 from tests.processes import GatewayProcess
 
 PRICE = 420_000  # the default text-to-video submit: 6 s at 720p
@@ -225,3 +226,57 @@ async def test_two_workers_on_one_sqlite_file_never_overspend(replicas: Replicas
     assert (codes.count(202), codes.count(402)) == (5, 25)
     assert len(simulator.calls_of("submit")) == 5
     assert await _mismatches(db) == []
+
+
+@pytest.mark.sqlite_only  # runs once: its database is a PostgreSQL cluster of its own, whatever the backend param
+async def test_the_database_going_away_mid_load_answers_503_in_shape_and_work_resumes(start_gateway, simulator: Simulator,
+                                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL stopped under load and started again: no 5xx with a trace, no overspend, and work resumes."""
+    try:
+        cluster = await asyncio.to_thread(ThrowawayCluster)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        pytest.skip(f"no PostgreSQL cluster of our own to stop and start: {error}")
+    try:
+        await asyncio.to_thread(Peek(cluster.url).execute, "CREATE DATABASE outage")
+        url = with_database(cluster.url, "outage")
+        gateway = await start_gateway(db_path=url, teams={"design": 20 * PRICE})
+        answers: list[tuple[int, dict[str, Any]]] = []
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            i = 0
+            while not stop.is_set():
+                code, body, _ = await gateway.submit(TEXT_PATH, {"prompt": f"under load {i}"})
+                answers.append((code, body))
+                i += 1
+                await asyncio.sleep(0.02)
+
+        loader = asyncio.create_task(load())
+        await _until(lambda: len(answers) >= 3)
+        await asyncio.to_thread(cluster.stop_server)
+        down = len(answers)
+        await _until(lambda: len(answers) >= down + 5)
+        async with gateway.http.get(gateway.url + "/readyz") as response:
+            ready_while_down = response.status
+        await asyncio.to_thread(cluster.start_server)
+        await asyncio.to_thread(wait_until_accepting, url)
+        back = len(answers)
+        await _until(lambda: any(code == 202 for code, _ in answers[back:]), timeout=30)
+        stop.set()
+        await loader
+        async with gateway.http.get(gateway.url + "/readyz") as response:
+            ready_after = response.status
+
+        codes = {code for code, _ in answers}
+        assert ready_while_down == 503 and ready_after == 200
+        assert 503 in codes and codes <= {202, 402, 503}
+        refused = [body for code, body in answers if code == 503]
+        assert all(set(body) == {"error", "message"} and "Traceback" not in body["message"] for body in refused)
+        db = Peek(url)
+        (spent, reserved), = db.rows("SELECT spent_micros, reserved_micros FROM budget_totals WHERE scope = 'team:design'")
+        assert spent + reserved <= 20 * PRICE
+        assert await gateway.services.store.ledger_mismatches() == []
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], "an outage is not an error with a trace"
+        await gateway.server.close()
+    finally:
+        await asyncio.to_thread(cluster.stop)

@@ -42,6 +42,7 @@ _RACES = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 #: What means the database is not there (down, restarting, unreachable, out of connections).
 _UNREACHABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
                 asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+                asyncpg.InternalClientError,  # a pooled connection cut mid-operation (the server went away)
                 TimeoutError)
 
 
