@@ -119,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     ledger.add_argument("--db", help="SQLite database path or postgresql:// URL (PROXY_DB)")
     ledger.set_defaults(run=_ledger)
 
+    simulator = commands.add_parser("simulator", help="run the Pixazo simulator alone (one upstream for several "
+                                                      "gateways; its key is PIXAZO_API_KEY)")
+    simulator.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    simulator.add_argument("--port", type=int, default=9000, help="port to listen on (default 9000)")
+    simulator.add_argument("--policies", type=Path, help=POLICIES_HELP)
+    simulator.set_defaults(run=_simulator)
+
     db = commands.add_parser("db", help="the store").add_subparsers(dest="action", required=True)
     copy = db.add_parser("copy", help="copy a gateway's books into an empty store (e.g. SQLite to PostgreSQL)")
     copy.add_argument("--from", dest="source", required=True, help="the store to read: a SQLite path or a URL")
@@ -341,6 +348,21 @@ def _ledger(args: argparse.Namespace) -> int:
         raise CommandError("--limit must be between 1 and 100000")
     entries = asyncio.run(_with_store(_store_path(args), lambda s: s.ledger(args.team, args.period, args.limit)))
     _print_rows([entry_json(entry) for entry in entries], args.format)
+    return 0
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .catalog import load_catalog
+    from .simulator import Simulator, SimulatorSettings
+
+    key = os.environ.get("PIXAZO_API_KEY", "").strip()
+    if not key:
+        raise CommandError("set PIXAZO_API_KEY: the key the simulator accepts (the gateways send it)")
+    configure_logging("INFO", "json")
+    simulator = Simulator(load_catalog(args.policies or default_policies_dir()), SimulatorSettings(key=key))
+    web.run_app(simulator.build_app(), host=args.host, port=args.port, print=None, access_log=None)
     return 0
 
 

@@ -142,7 +142,7 @@ def test_the_commands_in_deploy_match_the_cli() -> None:
     assert entrypoint == ["pixazo-proxy"]
     _cli_accepts(command)
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    for name in ("teams", "gateway"):
+    for name in ("teams", "gateway", "simulator"):
         _cli_accepts(compose["services"][name]["command"])
     deployment = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -196,3 +196,18 @@ def test_kubernetes_runs_three_replicas_on_postgresql_and_the_sqlite_overlay_one
     assert all(piece in patches for piece in ("/spec/replicas, value: 1", "type: Recreate",
                                               "name: PROXY_DB, value: /data/pixazo-proxy.db", "$patch: delete"))
     assert yaml.safe_load((k8s / "overlays" / "sqlite" / "pvc.yaml").read_text())["metadata"]["name"] == "pixazo-proxy-data"
+
+
+def test_compose_runs_two_replicas_on_postgresql_behind_one_port() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    gateway = services["gateway"]
+    nginx = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
+
+    assert gateway["deploy"]["replicas"] == 2 and "ports" not in gateway
+    assert gateway["environment"]["PROXY_DB"].startswith("postgresql://") and "@postgres:5432/" in gateway["environment"]["PROXY_DB"]
+    assert gateway["environment"]["PIXAZO_UPSTREAM_URL"] == "http://simulator:9000"
+    assert services["postgres"]["image"].startswith("postgres:15") and services["proxy"]["ports"] == ["8080:8080"]
+    assert "proxy_pass $gateway" in nginx and "set $gateway http://gateway:8080" in nginx
+    assert scrape["dns_sd_configs"] == [{"names": ["gateway"], "type": "A", "port": 8080, "refresh_interval": "15s"}]
