@@ -15,7 +15,7 @@ from proxy.store import Decision, IdempotencyRecord, JobUpdate, Saving, Submissi
 from proxy.store.sqlite import SQLiteStore
 from proxy.values import Estimate, Hold
 
-GROWING_TABLES = ("ledger", "jobs", "handles", "reservations", "idempotency_keys", "outbox")
+GROWING_TABLES = ("ledger", "jobs", "handles", "reservations", "idempotency_keys", "outbox", "submit_times")
 SCAN = re.compile(r"\bSCAN (" + "|".join(GROWING_TABLES) + r")\b")
 #: Partial indexes that hold only work in flight (their size is what is running, not the history): reading one
 #: whole is the point of it.
@@ -64,6 +64,14 @@ async def hot_paths(store: TracedStore) -> None:
     await store.budget_view("design", "2026-11")
     await store.check_hold("design", "alice", hold)
     await store.metric_figures({"design": "2026-11"})  # every /metrics scrape
+    # what several processes coordinate through
+    await store.claim_refresh(receipt.job_id, 10.0, 1.0)
+    await store.claim_running(10.0, 1.0, 100)
+    await store.update_team("design", max_submits_per_minute=5)
+    await store.count_submit("design", False, 10.0, 60.0, 10)
+    await store.take_lease("sweeper", "me", 10.0, 60.0)
+    await store.due_deliveries("2999-01-01T00:00:00.000000Z", claim_until="2999-01-01T00:01:00.000000Z")
+    await store.job_status(receipt.job_id)
 
 
 async def test_hot_path_statements_use_indexes(tmp_path: Path) -> None:

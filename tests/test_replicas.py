@@ -226,6 +226,17 @@ async def test_two_workers_on_one_sqlite_file_never_overspend(replicas: Replicas
     assert (codes.count(202), codes.count(402)) == (5, 25)
     assert len(simulator.calls_of("submit")) == 5
     assert await _mismatches(db) == []
+    # Every scrape, whichever worker answers it (a new connection each), counts both workers' requests, and the
+    # store's figures once.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        for _ in range(6):
+            async with http.get(gateway.url + "/metrics") as response:
+                text = await response.text()
+            submitted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                            if line.startswith("pixazo_proxy_requests_total{") and f'route="{TEXT_PATH}"' in line)
+            used = [line for line in text.splitlines() if line.startswith("pixazo_proxy_budget_used_usd{")]
+            assert submitted == 30
+            assert used == ['pixazo_proxy_budget_used_usd{team="design"} 2.1']
 
 
 @pytest.mark.sqlite_only  # runs once: its database is a PostgreSQL cluster of its own, whatever the backend param

@@ -518,8 +518,8 @@ def _insert_handle(submission: Submission, job_id: int, now: str) -> Tx[None]:
             "INSERT INTO idempotency_keys (team, user_id, idempotency_key, request_hash, handle, expires_at) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (team, user_id, idempotency_key) DO UPDATE SET "
             "request_hash = excluded.request_hash, handle = excluded.handle, expires_at = excluded.expires_at "
-            "WHERE idempotency_keys.expires_at <= ? OR idempotency_keys.handle IN (SELECT h.id FROM handles h "
-            "JOIN jobs j ON j.id = h.job_id WHERE j.status = 'REJECTED')",
+            "WHERE idempotency_keys.expires_at <= ? OR EXISTS (SELECT 1 FROM handles h JOIN jobs j ON j.id = h.job_id "
+            "WHERE h.id = idempotency_keys.handle AND j.status = 'REJECTED')",
             (submission.team, submission.user, record.key, record.request_hash, submission.handle, record.expires_at,
              now),
         )
