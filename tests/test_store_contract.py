@@ -1,13 +1,13 @@
 """The Store protocol's contract, backend-neutral: every backend the factory can open runs these unchanged.
 
 Each test opens a fresh store through ``store_at`` (the factory the gateway uses) and speaks only the protocol:
-no SQL, no backend types. A new backend joins by adding its location to ``BACKENDS``.
+no SQL, no backend types; SQLite and PostgreSQL run the same tests. A new backend joins ``BACKENDS``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -32,21 +32,28 @@ PERIOD = "2026-11"
 NOW = "2026-11-25T12:00:00.000000Z"
 LATER = "2999-01-01T00:00:00.000000Z"
 
-#: backend name -> how to make a location for one test (a temporary directory given)
-BACKENDS: dict[str, Callable[[Path], str]] = {
-    "sqlite": lambda tmp: str(tmp / "contract.db"),
-}
+BACKENDS = ("sqlite", "postgresql")
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = store_at(BACKENDS[request.param](tmp_path))
+    if request.param == "sqlite":
+        location, drop = str(tmp_path / "contract.db"), None
+    else:
+        server, reason = request.getfixturevalue("postgres_server")
+        if server is None:
+            pytest.skip(f"PostgreSQL: {reason}")
+        location = server.create()
+        drop = server.drop
+    opened = store_at(location)
     await opened.open()
     try:
         yield opened
         assert await opened.ledger_mismatches() == []  # every test leaves the books sound
     finally:
         await opened.close()
+        if drop is not None:
+            drop(location)
 
 
 def hold(amount: int, limit: int | None = None) -> Hold:

@@ -135,7 +135,8 @@ def _add_reserved(scope: str, key: str, amount: int, limit: int | None) -> Tx[bo
     """Add ``amount`` to the scope's reserved total if spent + reserved stays within ``limit`` (None: no limit).
 
     The conditional update comes first; only when it changes nothing is the period's row created (its first
-    use) and the update tried once more, so the common case is one statement instead of two. On PostgreSQL a
+    use) and the update tried once more, so the common case is one statement instead of two. (Refusing when this
+    insert found the row already there would refuse the losers of a race to first use a scope on PostgreSQL.) On PostgreSQL a
     concurrent reservation of the same scope waits for this row and then re-checks the condition against what
     this one left (READ COMMITTED re-evaluates an UPDATE's WHERE on the row it waited for): no overspend.
     """
@@ -146,10 +147,9 @@ def _add_reserved(scope: str, key: str, amount: int, limit: int | None) -> Tx[bo
         params += (amount, limit)
     if (yield from _changed(sql, *params)) == 1:
         return True
-    created = yield from _changed("INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                                  scope, key)
-    if created != 1:
-        return False
+    # Created here, or by a concurrent first use on another connection (this insert then waited for it): either
+    # way the row exists now, and the condition decides.
+    yield Sql("INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (scope, key))
     return (yield from _changed(sql, *params)) == 1
 
 
