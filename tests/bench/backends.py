@@ -69,6 +69,8 @@ def main() -> None:
     database = f"pixazo_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(base_url, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {database}")
+        if os.environ.get("PROXY_BENCH_PG_ASYNC_COMMIT"):  # an experiment: is the commit's flush what bounds it?
+            admin.execute(f"ALTER DATABASE {database} SET synchronous_commit = off")
     pg_url = base_url.rsplit("/", 1)[0] + f"/{database}"
     work = Path(tempfile.mkdtemp(prefix="pixazo-bench-backends-"))
     token = jwt.encode({"sub": "bench", "team": "bench", "exp": int(time.time()) + 86400}, SECRET, algorithm="HS256")
