@@ -19,22 +19,11 @@ import aiohttp
 import pytest
 
 from proxy.simulator import Simulator
-from proxy.store.factory import store_at
-from tests.conftest import POLICIES, TEXT_PATH, Receiver, auth, policies_with
+from tests.conftest import POLICIES, TEXT_PATH, Receiver, auth, create_teams, ledger_mismatches, policies_with
 from tests.databases import Peek, ThrowawayCluster, wait_until_accepting, with_database
 from tests.processes import GatewayProcess
 
 PRICE = 420_000  # the default text-to-video submit: 6 s at 720p
-
-
-async def _teams(location: str, teams: dict[str, int]) -> None:
-    store = store_at(location)
-    await store.open()
-    try:
-        for name, limit in teams.items():
-            await store.create_team(name, limit, "month")
-    finally:
-        await store.close()
 
 
 @pytest.fixture
@@ -56,7 +45,7 @@ async def replicas(simulator: Simulator) -> AsyncIterator[Replicas]:
 
     async def start(location: str, count: int = 3, teams: dict[str, int] | None = None, policies: Path = POLICIES,
                     *serve_args: str, **env: str) -> list[GatewayProcess]:
-        await _teams(location, teams if teams is not None else {"design": 50_000_000})
+        await create_teams(location, teams if teams is not None else {"design": 50_000_000})
         found = [GatewayProcess(location, simulator.url, policies, *serve_args, **env)  # type: ignore[attr-defined]
                  for _ in range(count)]
         for process in found:
@@ -99,15 +88,6 @@ def _books_are_closed(db: Peek) -> bool:
     return db.rows("SELECT COUNT(*) FROM reservations WHERE state = 'open'") == [(0,)]
 
 
-async def _mismatches(location: str) -> list[str]:
-    store = store_at(location)
-    await store.open()
-    try:
-        return await store.ledger_mismatches()
-    finally:
-        await store.close()
-
-
 async def test_a_budget_race_over_three_replicas_admits_exactly_what_it_holds(postgres_url: str, replicas: Replicas,
                                                                               simulator: Simulator) -> None:
     gateways = await replicas(postgres_url, teams={"design": 5 * PRICE})
@@ -121,7 +101,7 @@ async def test_a_budget_race_over_three_replicas_admits_exactly_what_it_holds(po
     await _until(lambda: _books_are_closed(db))
     assert db.rows("SELECT spent_micros, reserved_micros FROM budget_totals WHERE scope = 'team:design'") == [
         (5 * PRICE, 0)]
-    assert await _mismatches(postgres_url) == []
+    assert await ledger_mismatches(postgres_url) == []
 
 
 async def test_twelve_identical_submits_over_three_replicas_make_one_upstream_job(postgres_url: str,
@@ -148,7 +128,7 @@ async def test_twelve_identical_submits_over_three_replicas_make_one_upstream_jo
     assert db.rows("SELECT kind, COUNT(*) FROM ledger GROUP BY kind ORDER BY kind") == [
         ("reserve", 1), ("saving", 11), ("settle", 1)]
     assert db.rows("SELECT spent_micros FROM budget_totals WHERE scope = 'team:design'") == [(PRICE,)]
-    assert await _mismatches(postgres_url) == []
+    assert await ledger_mismatches(postgres_url) == []
 
 
 async def test_200_polls_over_three_replicas_ask_the_upstream_once_per_interval(postgres_url: str,
@@ -207,7 +187,7 @@ async def test_a_killed_replicas_jobs_and_webhooks_are_finished_by_the_others(po
         await _until(lambda: db.rows("SELECT COUNT(*) FROM outbox WHERE state <> 'delivered'") == [(0,)], timeout=30)
 
     assert _books_are_closed(db)
-    assert await _mismatches(postgres_url) == []
+    assert await ledger_mismatches(postgres_url) == []
     delivered = {(body_of["request_id"], body_of["status"]) for body_of in receiver.delivered()}
     assert {status for _, status in delivered} >= {"COMPLETED"}
     assert {handle for handle, status in delivered if status == "COMPLETED"} == {b["request_id"] for _, b in answers}
@@ -225,7 +205,7 @@ async def test_two_workers_on_one_sqlite_file_never_overspend(replicas: Replicas
     codes = [code for code, _ in answers]
     assert (codes.count(202), codes.count(402)) == (5, 25)
     assert len(simulator.calls_of("submit")) == 5
-    assert await _mismatches(db) == []
+    assert await ledger_mismatches(db) == []
     # Every scrape, whichever worker answers it (a new connection each), counts both workers' requests, and the
     # store's figures once.
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
