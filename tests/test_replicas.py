@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from proxy.simulator import Simulator
+from proxy.store.factory import store_at
 from tests.conftest import POLICIES, TEXT_PATH, Receiver, auth, create_teams, ledger_mismatches, policies_with
 from tests.databases import Peek, ThrowawayCluster, wait_until_accepting, with_database
 from tests.processes import GatewayProcess
@@ -271,3 +272,28 @@ async def test_the_database_going_away_mid_load_answers_503_in_shape_and_work_re
         await gateway.server.close()
     finally:
         await asyncio.to_thread(cluster.stop)
+
+
+async def test_one_idempotency_key_and_one_rate_limit_hold_across_replicas(postgres_url: str, replicas: Replicas,
+                                                                           simulator: Simulator) -> None:
+    gateways = await replicas(postgres_url)
+    urls = [g.url for g in gateways]
+    simulator.settings.processing_seconds = 0.5
+
+    keyed = await _spread(urls, 9, lambda i: {"prompt": "keyed"}, auth() | {"Idempotency-Key": "order-1"})
+    handles = {body["request_id"] for code, body in keyed if code == 202}
+    assert {code for code, _ in keyed} <= {202, 409} and len(handles) == 1  # one handle, whoever answered
+    assert len(simulator.calls_of("submit")) == 1
+    await _until(lambda: Peek(postgres_url).rows("SELECT COUNT(*) FROM jobs WHERE status = 'COMPLETED'") == [(1,)])
+    replayed = await _spread(urls, 3, lambda i: {"prompt": "keyed"}, auth() | {"Idempotency-Key": "order-1"})
+    assert [(code, body["request_id"]) for code, body in replayed] == [(202, handles.pop())] * 3
+
+    store = store_at(postgres_url)  # a team no replica has read yet, so none holds a copy of its row
+    await store.open()
+    try:
+        await store.create_team("ads", 50_000_000, "month", max_submits_per_minute=4)
+    finally:
+        await store.close()
+    limited = await _spread(urls, 12, lambda i: {"prompt": f"limited {i}"}, auth(team="ads", user="bob"))
+    codes = [code for code, _ in limited]
+    assert (codes.count(202), codes.count(429)) == (4, 8)
