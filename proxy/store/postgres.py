@@ -144,8 +144,8 @@ def _numbered(text: str) -> str:
 
 
 def _returns_rows(text: str) -> bool:
-    head = text.lstrip()[:6].upper()
-    return head in ("SELECT", "WITH  ", "VALUES") or head.startswith("WITH") or " RETURNING " in text.upper()
+    """Whether a statement answers rows (fetched) rather than a count of rows changed (executed)."""
+    return text.lstrip()[:6].upper().startswith(("SELECT", "WITH", "VALUES")) or " RETURNING " in text.upper()
 
 
 def _value(value: Any) -> Any:
