@@ -52,7 +52,7 @@ MODE_HEADER = "X-Webhook-Mode"
 RESOLVE_TIMEOUT_SECONDS = 3.0
 #: A claimed delivery is this process's for twice the delivery timeout plus this; a process that dies holding it
 #: loses it then, and another delivers it (with the same webhook-id).
-CLAIM_MARGIN_SECONDS = 30.0
+CLAIM_MARGIN_SECONDS = 1.0
 MAX_RETRY_AFTER_SECONDS = 36000
 
 

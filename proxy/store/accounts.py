@@ -17,7 +17,7 @@ from ..errors import BudgetExceeded, TooManyRequests
 from ..money import micros_to_usd
 from ..values import Hold
 from . import BudgetView, Decision, EntryRefused, LedgerEntry, SoftAlert, Team
-from .sql import Sql, Tx
+from .sql import Sql, Tx, changed, one
 
 GLOBAL_SCOPE = "global"
 CONCURRENCY_RETRY_AFTER_SECONDS = 5
@@ -33,21 +33,13 @@ def user_scope(team: str, user: str) -> str:
     return f"user:{team}/{user}"
 
 
-def _one(sql: str, *params: Any) -> Tx[Any]:
-    return (yield Sql(sql, params)).fetchone()
-
-
-def _changed(sql: str, *params: Any) -> Tx[int]:
-    return (yield Sql(sql, params)).rowcount
-
-
 def ensure_totals(scope: str, period_key: str) -> Tx[None]:
     yield Sql("INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (scope, period_key))
 
 
 def totals(scope: str, period_key: str) -> Tx[tuple[int, int, int, bool]]:
     """(spent, reserved, credit, soft_alerted) of one scope and period; zeros when untouched."""
-    row = yield from _one("SELECT spent_micros, reserved_micros, credit_micros, soft_alerted FROM budget_totals "
+    row = yield from one("SELECT spent_micros, reserved_micros, credit_micros, soft_alerted FROM budget_totals "
                           "WHERE scope = ? AND period_key = ?", scope, period_key)
     return (row[0], row[1], row[2], bool(row[3])) if row else (0, 0, 0, False)
 
@@ -80,7 +72,7 @@ def _refusal(who: str, team: Team, user: str, key: str, allowance: int, left: in
 def _check_concurrency(team: Team) -> Tx[None]:
     if team.max_concurrent_jobs is None:
         return
-    (running,) = yield from _one("SELECT COUNT(*) FROM reservations WHERE team = ? AND state = 'open'", team.name)
+    (running,) = yield from one("SELECT COUNT(*) FROM reservations WHERE team = ? AND state = 'open'", team.name)
     if running >= team.max_concurrent_jobs:
         raise TooManyRequests(
             f"Team '{team.name}' has {running} jobs running, its limit of concurrent jobs",
@@ -145,12 +137,12 @@ def _add_reserved(scope: str, key: str, amount: int, limit: int | None) -> Tx[bo
     if limit is not None:
         sql += " AND spent_micros + reserved_micros + ? <= ? + credit_micros"
         params += (amount, limit)
-    if (yield from _changed(sql, *params)) == 1:
+    if (yield from changed(sql, *params)) == 1:
         return True
     # Created here, or by a concurrent first use on another connection (this insert then waited for it): either
     # way the row exists now, and the condition decides.
     yield Sql("INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (scope, key))
-    return (yield from _changed(sql, *params)) == 1
+    return (yield from changed(sql, *params)) == 1
 
 
 def _soft_alert(team: Team, period_key: str, used: int, credit: int, alerted: bool) -> Tx[SoftAlert | None]:
@@ -161,21 +153,21 @@ def _soft_alert(team: Team, period_key: str, used: int, credit: int, alerted: bo
     allowance = team.budget_limit_micros + credit
     if alerted or allowance <= 0 or used * 100 < team.soft_threshold_percent * allowance:
         return None
-    marked = yield from _changed("UPDATE budget_totals SET soft_alerted = 1 WHERE scope = ? AND period_key = ? "
+    marked = yield from changed("UPDATE budget_totals SET soft_alerted = 1 WHERE scope = ? AND period_key = ? "
                                  "AND soft_alerted = 0", team_scope(team.name), period_key)
     return SoftAlert(team.name, period_key, team.soft_threshold_percent, used, allowance) if marked == 1 else None
 
 
 def resolve(job_id: int, decision: Decision, now: str) -> Tx[bool]:
     """End the job's open reservation as ``decision`` says; False if it had none open."""
-    row = yield from _one(
+    row = yield from one(
         "SELECT handle, team, user_id, model, period_key, global_period_key, amount_micros FROM reservations "
         "WHERE job_id = ? AND state = 'open'", job_id)
     if row is None:
         return False
     handle, team, user, model, key, global_key, amount = row
     state = "settled" if decision.kind == "settle" else "released"
-    ended = yield from _changed("UPDATE reservations SET state = ?, resolved_at = ?, note = ? "
+    ended = yield from changed("UPDATE reservations SET state = ?, resolved_at = ?, note = ? "
                                 "WHERE job_id = ? AND state = 'open'", state, now, decision.note, job_id)
     if ended != 1:
         return False
@@ -196,7 +188,7 @@ def resolve(job_id: int, decision: Decision, now: str) -> Tx[bool]:
 def insert_ledger(**columns: Any) -> Tx[int]:
     names = ", ".join(columns)
     marks = ", ".join("?" for _ in columns)
-    (entry_id,) = yield from _one(f"INSERT INTO ledger ({names}) VALUES ({marks}) RETURNING id", *columns.values())
+    (entry_id,) = yield from one(f"INSERT INTO ledger ({names}) VALUES ({marks}) RETURNING id", *columns.values())
     return int(entry_id)
 
 
@@ -220,10 +212,10 @@ def add_entry(*, team: Team, kind: str, amount: int, period_key: str, global_per
         yield from ensure_totals(GLOBAL_SCOPE, global_period_key)
         for total_scope, key, who in ((scope, period_key, f"team '{team.name}'"),
                                       (GLOBAL_SCOPE, global_period_key, "the gateway")):
-            changed = yield from _changed("UPDATE budget_totals SET spent_micros = spent_micros + ? "
+            moved = yield from changed("UPDATE budget_totals SET spent_micros = spent_micros + ? "
                                           "WHERE scope = ? AND period_key = ? AND spent_micros + ? >= 0",
                                           amount, total_scope, key, amount)
-            if changed != 1:
+            if moved != 1:
                 spent, _, _, _ = yield from totals(total_scope, key)
                 raise EntryRefused(f"An adjustment of ${micros_to_usd(amount)} would take the spend of {who} in "
                                    f"{key} below zero: only ${micros_to_usd(spent)} was spent there")

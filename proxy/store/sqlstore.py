@@ -210,8 +210,8 @@ class SqlStore:
         return await self._write(_update_job, job_id, update, decision, iso_utc())
 
     async def active_jobs(self, limit: int = 10_000) -> list[RunningJob]:
-        rows = await self._read(every, "SELECT id, upstream_id, checked_at FROM jobs WHERE status IN ('QUEUED', "
-                                       "'PROCESSING') AND upstream_id IS NOT NULL ORDER BY checked_at LIMIT ?", limit)
+        rows = await self._read(every, f"SELECT id, upstream_id, checked_at FROM jobs WHERE {RUNNING} "
+                                       "ORDER BY checked_at LIMIT ?", limit)
         return [RunningJob(*row) for row in rows]
 
     async def job_status(self, job_id: int) -> str | None:
@@ -219,8 +219,8 @@ class SqlStore:
         return str(row[0]) if row else None
 
     async def claim_refresh(self, job_id: int, now: float, interval: float) -> bool:
-        return await self._write(changed, "UPDATE jobs SET lease_until = ? WHERE id = ? AND lease_until <= ? AND "
-                                          "status IN ('QUEUED', 'PROCESSING') AND upstream_id IS NOT NULL",
+        return await self._write(changed, f"UPDATE jobs SET lease_until = ? WHERE id = ? AND lease_until <= ? "
+                                          f"AND {RUNNING}",
                                  now + interval, job_id, now) == 1
 
     async def claim_running(self, now: float, interval: float, limit: int) -> list[RunningJob]:
