@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.simulator import Simulator
+from proxy.simulator import Fault, Simulator
 from proxy.store.factory import store_at
 from tests.conftest import POLICIES, TEXT_PATH, Receiver, auth, create_teams, ledger_mismatches, policies_with
 from tests.databases import Peek, ThrowawayCluster, wait_until_accepting, with_database
@@ -173,17 +174,20 @@ async def test_a_killed_replicas_jobs_and_webhooks_are_finished_by_the_others(po
             return aiohttp.web.Response(status=200)
 
     async with Hanging() as receiver:
-        gateways = await replicas(postgres_url, 3, None, policies, PROXY_WEBHOOK_ALLOW_PRIVATE="1")
-        doomed = gateways[0]
+        # The doomed replica runs alone until it holds every job's tracker lease and the hanging delivery's claim;
+        # only then do the two survivors start, so what they finish is certainly the dead replica's work.
+        [doomed] = await replicas(postgres_url, 1, None, policies, PROXY_WEBHOOK_ALLOW_PRIVATE="1")
         headers = auth() | {"X-Webhook-URL": receiver.url(), "X-Webhook-Mode": "sync"}
         answers = await _spread([doomed.url], 4, lambda i: {"prompt": f"doomed {i}"}, headers)
         assert [code for code, _ in answers] == [202] * 4
-        await _until(lambda: len(receiver.calls) >= 1)  # a delivery is in flight, claimed by a replica
+        await _until(lambda: len(receiver.calls) >= 1)  # a delivery is in flight, claimed by the doomed replica
+        db = Peek(postgres_url)
+        assert db.rows("SELECT COUNT(*) FROM outbox WHERE claimed_until > ''") >= [(1,)]
+        await replicas(postgres_url, 2, {}, policies, PROXY_WEBHOOK_ALLOW_PRIVATE="1")
 
         doomed.kill()
         hang.set()
 
-        db = Peek(postgres_url)
         await _until(lambda: db.rows("SELECT COUNT(*) FROM jobs WHERE status = 'COMPLETED'") == [(4,)], timeout=30)
         await _until(lambda: db.rows("SELECT COUNT(*) FROM outbox WHERE state <> 'delivered'") == [(0,)], timeout=30)
 
@@ -297,3 +301,72 @@ async def test_one_idempotency_key_and_one_rate_limit_hold_across_replicas(postg
     limited = await _spread(urls, 12, lambda i: {"prompt": f"limited {i}"}, auth(team="ads", user="bob"))
     codes = [code for code, _ in limited]
     assert (codes.count(202), codes.count(429)) == (4, 8)
+
+
+async def test_the_sweeper_lease_passes_to_a_survivor_when_its_holder_dies(postgres_url: str, replicas: Replicas,
+                                                                          simulator: Simulator, tmp_path) -> None:
+    """One replica sweeps at a time; when it is SIGKILLed, another takes the lease over once it expires and resolves
+    what only a sweeper resolves (here: a submit whose answer was lost)."""
+    interval = 0.3
+    policies = policies_with(tmp_path, f"sweeper: interval_seconds = {interval}\nsweeper: orphan_submit_seconds = 0.5")
+    db = Peek(postgres_url)
+    [first] = await replicas(postgres_url, 1, None, policies, PROXY_UPSTREAM_TIMEOUT="0.3")
+    await _until(lambda: len(db.rows("SELECT holder FROM leases WHERE name = 'sweeper'")) == 1)
+    [(holder, until)] = db.rows("SELECT holder, until FROM leases WHERE name = 'sweeper'")
+    [second] = await replicas(postgres_url, 1, {}, policies, PROXY_UPSTREAM_TIMEOUT="0.3")
+    # Two renewals by the first holder after the second replica is up: the second has had its rounds and not taken it.
+    await _until(lambda: db.rows("SELECT until FROM leases WHERE name = 'sweeper'")[0][0] > until + 2 * interval)
+    assert db.rows("SELECT holder FROM leases WHERE name = 'sweeper'") == [(holder,)]
+
+    first.kill()
+    simulator.add_fault(Fault(op="submit", kind="delay", delay=1.0, stage="after"))  # created upstream, answer lost
+    [(code, body)] = await _spread([second.url], 1, lambda i: {"prompt": "its answer lost"})
+    assert code == 504 and "its cost stays reserved" in body["message"]
+
+    await _until(lambda: [kind for (kind,) in db.rows("SELECT kind FROM ledger ORDER BY id")] == ["reserve", "settle"],
+                 timeout=10)
+    assert db.rows("SELECT spent_delta, reserved_delta, basis FROM ledger WHERE kind = 'settle'") == [
+        (PRICE, -PRICE, "indeterminate")]
+    [(taken_by,)] = db.rows("SELECT holder FROM leases WHERE name = 'sweeper'")
+    assert taken_by != holder
+    assert _books_are_closed(db)
+    assert await ledger_mismatches(postgres_url) == []
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a listening TCP socket on ``port`` (from /proc: its fds and the socket table)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        return False
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.read().splitlines()[1:]]
+    return any(row[1].endswith(f":{port:04X}") and row[3] == "0A" and row[9] in inodes for row in rows)
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as listing:
+        return {int(child) for child in listing.read().split()}
+
+
+async def test_a_worker_that_dies_is_started_again_and_the_books_still_hold(replicas: Replicas, tmp_path,
+                                                                           simulator: Simulator) -> None:
+    db = str(tmp_path / "workers.db")
+    [gateway] = await replicas(db, 1, {"design": 5 * PRICE}, POLICIES, "--workers", "2")
+    assert gateway.process is not None
+    await _until(lambda: len(_children(gateway.process.pid)) == 2)
+    workers = _children(gateway.process.pid)
+    victim = min(workers)
+
+    subprocess.run(["kill", "-KILL", str(victim)], check=True)
+    await _until(lambda: len(_children(gateway.process.pid)) == 2 and victim not in _children(gateway.process.pid))
+    assert "exited with -9; starting it again" in gateway.stderr()
+    [fresh] = _children(gateway.process.pid) - workers
+    await _until(lambda: _listens(fresh, gateway.port))  # the new worker has bound the shared port
+
+    answers = await _spread([gateway.url], 30, lambda i: {"prompt": f"after the restart {i}"})
+
+    codes = [code for code, _ in answers]
+    assert (codes.count(202), codes.count(402)) == (5, 25)
+    assert len(simulator.calls_of("submit")) == 5
+    assert await ledger_mismatches(db) == []
