@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from .budget import PERIOD_KEY, global_key_for, period_key
-from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .errors import BadRequest, Conflict, FieldError, Forbidden, NotFound
 from .money import micros_to_usd, usd_to_micros
 from .observe import TEAM
 from .services import SERVICES, Services
@@ -65,13 +65,13 @@ async def _body(request: web.Request, services: Services) -> dict[str, Any]:
 
 def _amount(name: str, value: Any, *, signed: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
-        raise BadRequest(f"'{name}' must be an amount in USD, e.g. \"12.50\"")
+        raise FieldError(name, f"'{name}' must be an amount in USD, e.g. \"12.50\"")
     text = str(value).strip()
     negative = signed and text.startswith("-")
     try:
         micros = usd_to_micros(text[1:] if negative else text)
     except ValueError as exc:
-        raise BadRequest(f"'{name}': {exc}") from None
+        raise FieldError(name, f"'{name}': {exc}") from None
     return -micros if negative else micros
 
 
@@ -90,7 +90,7 @@ def _settings(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
         check_team_settings(settings)  # the same rules the CLI and the store apply
     except SettingProblem as problem:
         field = next((api for api, stored in _MONEY_FIELDS.items() if stored == problem.setting), problem.setting)
-        raise BadRequest(f"'{field}' {problem.rule}") from None
+        raise FieldError(field, f"'{field}' {problem.rule}") from None
     return settings
 
 
@@ -193,13 +193,19 @@ async def show_team(request: web.Request) -> web.StreamResponse:
 
 async def update_team(request: web.Request) -> web.StreamResponse:
     services, _ = await _admin(request)
-    name = request.match_info["team"]
-    settings = _settings(await _body(request, services), creating=False)
+    team = await change_team(services, request.match_info["team"], await _body(request, services))
+    return web.json_response(await team_json(services, team))
+
+
+async def change_team(services: Services, name: str, body: dict[str, Any]) -> Team:
+    """Change a team's settings (the API's field names, values as the API takes them); the team as it now is.
+
+    The one path every surface that edits a team goes through (this API's PATCH, the console's form)."""
+    settings = _settings(body, creating=False)
     try:
-        team = await services.store.update_team(name, **settings)
+        return await services.store.update_team(name, **settings)
     except UnknownTeam:
         raise NotFound(f"Team '{name[:100]}' not found") from None
-    return web.json_response(await team_json(services, team))
 
 
 async def team_spend(request: web.Request) -> web.StreamResponse:
@@ -253,31 +259,36 @@ async def webhook_secret(request: web.Request) -> web.StreamResponse:
 async def _money_entry(request: web.Request, kind: str) -> web.StreamResponse:
     services, principal = await _admin(request)
     team = await _team(services, request.match_info["team"])
-    body = await _body(request, services)
+    entry = await add_money_entry(services, team, kind, await _body(request, services), principal.user)
+    return web.json_response(entry_json(entry), status=201)
+
+
+async def add_money_entry(services: Services, team: Team, kind: str, body: dict[str, Any], actor: str) -> LedgerEntry:
+    """A top-up or an adjustment of ``team`` by ``actor``, checked as the API checks it (``amount_usd``,
+    ``reason``, optional ``period``); the ledger entry it wrote. The console's forms come through here too."""
     unknown = sorted(set(body) - {"amount_usd", "reason", "period"})
     if unknown:
         raise BadRequest("unknown field(s): " + ", ".join(f"'{name}'" for name in unknown))
     if "amount_usd" not in body:
-        raise BadRequest("'amount_usd' is required")
+        raise FieldError("amount_usd", "'amount_usd' is required")
     amount = _amount("amount_usd", body["amount_usd"], signed=kind == "adjust")
     if kind == "topup" and amount <= 0:
-        raise BadRequest("'amount_usd' of a top-up must be more than 0")
+        raise FieldError("amount_usd", "'amount_usd' of a top-up must be more than 0")
     reason = body.get("reason")
     if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
-        raise BadRequest("'reason' is required: say why, in at most 500 characters")
+        raise FieldError("reason", "'reason' is required: say why, in at most 500 characters")
     now = services.clock.now()
     key = body.get("period") or period_key(team.period, now)
     if not isinstance(key, str):
-        raise BadRequest("'period' must be a period key like 2026-11, 2026-W48, 2026-11-24 or total")
+        raise FieldError("period", "'period' must be a period key like 2026-11, 2026-W48, 2026-11-24 or total")
     try:
         global_key = global_key_for(team.period, key, services.rules.global_period, now)
     except ValueError as exc:
-        raise BadRequest(f"'period': {exc}; team '{team.name}' has a {team.period} budget") from None
+        raise FieldError("period", f"'period': {exc}; team '{team.name}' has a {team.period} budget") from None
     try:
-        entry = await services.store.add_entry(team.name, kind, amount, key, global_key, principal.user, reason.strip())
+        return await services.store.add_entry(team.name, kind, amount, key, global_key, actor, reason.strip())
     except EntryRefused as exc:
-        raise BadRequest(str(exc)) from None
-    return web.json_response(entry_json(entry), status=201)
+        raise FieldError("amount_usd", str(exc)) from None
 
 
 async def topup(request: web.Request) -> web.StreamResponse:

@@ -24,6 +24,7 @@ from .cache import load_cache_rules
 from .catalog import Catalog, load_catalog
 from .clock import Clock
 from .config import Config, Secret
+from .console import add_console
 from .errors import error_middleware
 from .media import MediaStore
 from .metrics import Metrics, metrics_handler
@@ -172,6 +173,8 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         app.cleanup_ctx.append(_metrics_site(metrics, config.host, config.metrics_port))
     add_routes(app, services)
     add_admin_routes(app)
+    add_console(app, session_seconds=config.console_session_seconds, public_url=config.base_url,
+                upstream_url=config.upstream_url)
     if media is not None:
         app.router.add_get("/media/{name}", media.serve)
     document = build_openapi(catalog, media=media is not None)

@@ -132,6 +132,21 @@ def _parser() -> argparse.ArgumentParser:
     copy.add_argument("--to", dest="target", required=True, help="an empty store: a postgresql:// URL or a path")
     copy.set_defaults(run=_db_copy)
 
+    rollup = commands.add_parser("rollup", help="the per-day spend rollup").add_subparsers(dest="action", required=True)
+    rebuild = rollup.add_parser("rebuild", help="recompute the per-day rollup the console and reports read from the ledger")
+    rebuild.add_argument("--db", help="SQLite database path or postgresql:// URL (PROXY_DB)")
+    rebuild.set_defaults(run=_rollup_rebuild)
+
+    console = commands.add_parser("console", help="the web console").add_subparsers(dest="action", required=True)
+    link = console.add_parser("link", help="print a one-time sign-in link to the console")
+    link.add_argument("--team", required=True, help="the team the person belongs to")
+    link.add_argument("--user", required=True, help="who the link signs in (recorded as the actor of what they change)")
+    link.add_argument("--admin", action="store_true", help="an admin session: sees and changes every team")
+    link.add_argument("--ttl", default="10m", help="how long the link stays valid: 90s, 10m, 2h, 1d (default 10m)")
+    link.add_argument("--public-url", help="the gateway's URL (PROXY_PUBLIC_URL, else http://PROXY_HOST:PROXY_PORT)")
+    link.add_argument("--db", help="SQLite database path or postgresql:// URL (PROXY_DB)")
+    link.set_defaults(run=_console_link)
+
     policies = commands.add_parser("policies", help="policy files").add_subparsers(dest="action", required=True)
     check = policies.add_parser("check", help="validate the policy files")
     check.add_argument("dir", nargs="?", type=Path, help=POLICIES_HELP)
@@ -381,6 +396,44 @@ def _db_copy(args: argparse.Namespace) -> int:
     if copied.mismatches:
         raise CommandError("the copy's totals do not match its ledger: " + "; ".join(copied.mismatches[:5]))
     print(f"copied into {shown(args.target)}; its totals match its ledger")
+    return 0
+
+
+def _rollup_rebuild(args: argparse.Namespace) -> int:
+    async def work(store: Store) -> tuple[int, list[str]]:
+        return await store.rebuild_day_rollup(), await store.ledger_mismatches()
+
+    rows, mismatches = asyncio.run(_with_store(_store_path(args), work))
+    print(f"day rollup rebuilt from the ledger: {rows} rows")
+    if mismatches:
+        raise CommandError("the store's totals still differ from its ledger: " + "; ".join(mismatches[:5]))
+    return 0
+
+
+def _console_link(args: argparse.Namespace) -> int:
+    from .console.signin import new_link, parse_ttl
+    from .store import ConsoleIdentity
+
+    try:
+        seconds = parse_ttl(args.ttl)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    user = args.user.strip()
+    if not user or len(user) > 200:
+        raise CommandError("--user must be a name of 1 to 200 characters")
+    base = (args.public_url or os.environ.get("PROXY_PUBLIC_URL", "").strip()
+            or f"http://{os.environ.get('PROXY_HOST', '').strip() or '127.0.0.1'}:"
+               f"{os.environ.get('PROXY_PORT', '').strip() or '8080'}").rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise CommandError("--public-url must start with http:// or https://")
+
+    async def work(store: Store) -> str:
+        if await store.get_team(args.team) is None:
+            raise CommandError(f"no team named {args.team!r}")
+        return await new_link(store, ConsoleIdentity(args.team, user, args.admin), seconds)
+
+    token = asyncio.run(_with_store(_store_path(args), work))
+    print(f"{base}/console/login?token={token}")
     return 0
 
 

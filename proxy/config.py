@@ -93,6 +93,7 @@ class Config:
     metrics_port: int = 0
     alert_webhook_url: str = ""
     event_loop: str = "auto"
+    console_session_seconds: float = 8 * 3600.0
 
     @property
     def uses_uvloop(self) -> bool:
@@ -173,6 +174,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "metrics_port": ("PROXY_METRICS_PORT", _int),
     "alert_webhook_url": ("PROXY_ALERT_WEBHOOK_URL", _text),
     "event_loop": ("PROXY_EVENT_LOOP", lambda v: v.strip().lower()),
+    "console_session_seconds": ("PROXY_CONSOLE_SESSION_SECONDS", _positive_float),
 }
 
 

@@ -8,6 +8,7 @@ Hierarchy::
 
     ProxyError                 any error answered to a client (status, title, message)
     ├── BadRequest             400, a request the gateway will not forward
+    │   ├── FieldError         400, about one named field (a form shows it there)
     │   └── ModelNotFound      400, "Model not found", as the upstream says it
     ├── Unauthorized           401, no valid gateway token
     ├── Forbidden              403, a valid token that may not do this
@@ -65,6 +66,14 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     status = 400
     title = "Bad Request"
+
+
+class FieldError(BadRequest):
+    """A 400 about one named field of a form or body (the console shows it next to that field)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ModelNotFound(BadRequest):

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from ..budget import BudgetRules, budget_headers, period_key
-from ..clock import Clock
-from ..errors import BudgetExceeded
+from ..clock import Clock, iso_utc
+from ..errors import BudgetExceeded, StoreUnavailable
 from ..headers import MAX_COST_HEADER, cost_cap, is_dry_run
 from ..money import micros_to_usd
 from ..store import Store
 from ..values import Hold
 from . import Policy, SubmitContext
+
+logger = logging.getLogger(__name__)
 
 
 class Budget(Policy):
@@ -43,6 +47,17 @@ class Budget(Policy):
         )
         if ctx.dry_run:
             ctx.response = await self.quote(ctx)
+
+    async def on_failure(self, ctx: SubmitContext, error: BaseException) -> None:
+        """A budget refusal (the store's, not a client's own cost cap) is remembered for the team's console."""
+        if not isinstance(error, BudgetExceeded) or error.title != BudgetExceeded.title:
+            return
+        principal = ctx.caller.principal
+        try:
+            await self.store.record_refusal(principal.team, principal.user, ctx.model.id, error.message,
+                                            iso_utc(self.clock.now()))
+        except StoreUnavailable as exc:  # the refusal stands; only its note for the console is lost
+            logger.warning("budget refusal of team %s not recorded: %s", principal.team, exc.message)
 
     async def quote(self, ctx: SubmitContext) -> web.StreamResponse:
         hold, principal = ctx.hold, ctx.caller.principal

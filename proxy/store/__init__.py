@@ -26,6 +26,8 @@ PERIODS = ("month", "week", "day", "total")
 #: is INDETERMINATE, its money held until the sweeper resolves it by policy; a
 #: submit the upstream refused, or that provably never reached it, is REJECTED.
 TERMINAL_STATUSES = ("COMPLETED", "FAILED", "ERROR")
+#: Budget refusals remembered per team (the console shows the newest).
+REFUSALS_KEPT = 20
 #: Jobs whose upstream outcome the gateway does not know (yet): never resubmitted while so.
 UNKNOWN_OUTCOME = ("SUBMITTING", "INDETERMINATE")
 
@@ -355,6 +357,92 @@ class LedgerEntry:
     note: str | None
 
 
+@dataclass(frozen=True)
+class DaySpend:
+    """One line of the per-day rollup: a team's settled jobs, charges and cache savings on one UTC day."""
+
+    day: str
+    period_key: str
+    model: str  # '' for entries that name none (adjustments)
+    resolution: str
+    jobs: int
+    seconds: int
+    charged_micros: int
+    hits: int
+    saved_micros: int
+
+
+@dataclass(frozen=True)
+class Totals:
+    spent_micros: int
+    reserved_micros: int
+
+
+@dataclass(frozen=True)
+class UserSpend:
+    user: str
+    spent_micros: int
+    reserved_micros: int
+
+
+@dataclass(frozen=True)
+class HandleQuery:
+    """Which handles a listing shows (every field optional; ``before`` pages on (created_at, handle))."""
+
+    team: str | None = None
+    user: str | None = None
+    model: str | None = None
+    status: str | None = None
+    cache: str | None = None
+    since: str | None = None  # created_at >= (an ISO date or time)
+    until: str | None = None  # created_at < (an ISO date or time)
+    before: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A handle as the console lists it: what was asked, what was reserved and charged, and how it ended."""
+
+    handle: str
+    team: str
+    user: str
+    model: str
+    created_at: str
+    cache: str
+    status: str
+    params: dict[str, Any]
+    output: dict[str, Any] | None
+    error: str | None
+    updated_at: str
+    completed_at: str | None
+    estimate_micros: int | None  # the reservation this handle made (None: it made none, e.g. a cache hit)
+    charged_micros: int | None  # what its settlement charged (None: not settled yet, or it made no reservation)
+    basis: str | None  # the settlement's (or the saving's) ledger basis
+    saved_micros: int | None
+
+
+@dataclass(frozen=True)
+class ConsoleIdentity:
+    team: str
+    user: str
+    admin: bool
+
+
+@dataclass(frozen=True)
+class ConsoleSession:
+    identity: ConsoleIdentity
+    csrf: str
+    expires_at: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    at: str
+    user: str
+    model: str
+    message: str
+
+
 class Store(Protocol):
     """What the gateway needs from persistence."""
 
@@ -466,7 +554,45 @@ class Store(Protocol):
         ...
 
     async def ledger(self, team: str, period_key: str | None = None, limit: int = 100,
-                     before_id: int | None = None) -> list[LedgerEntry]: ...
+                     before_id: int | None = None, kind: str | None = None,
+                     user: str | None = None) -> list[LedgerEntry]: ...
+
+    async def daily_spend(self, team: str, first_day: str, last_day: str) -> list[DaySpend]:
+        """The per-day rollup of ``team`` from ``first_day`` to ``last_day`` (inclusive, ``YYYY-MM-DD``)."""
+        ...
+
+    async def rebuild_day_rollup(self) -> int:
+        """Recompute the per-day rollup from the ledger; the rows it holds."""
+        ...
+
+    async def top_users(self, team: str, period_key: str, limit: int = 10) -> list[UserSpend]: ...
+
+    async def global_totals(self, period_key: str) -> Totals:
+        """What every team together has spent and holds reserved in a global period."""
+        ...
+
+    async def find_handles(self, query: HandleQuery, limit: int = 50) -> list[JobRow]:
+        """Handles, newest first, as ``query`` filters them (never a REJECTED or unsent one)."""
+        ...
+
+    async def add_console_link(self, token_hash: str, identity: ConsoleIdentity, expires_at: str) -> None: ...
+
+    async def redeem_console_link(self, token_hash: str, now: str) -> ConsoleIdentity | None:
+        """The identity of an unused, unexpired link, which is used up by this call; None otherwise."""
+        ...
+
+    async def add_console_session(self, id_hash: str, identity: ConsoleIdentity, csrf: str, now: str,
+                                  expires_at: str) -> None: ...
+
+    async def console_session(self, id_hash: str, now: str) -> ConsoleSession | None: ...
+
+    async def end_console_session(self, id_hash: str) -> None: ...
+
+    async def record_refusal(self, team: str, user: str, model: str, message: str, now: str) -> None:
+        """Remember a budget refusal a team was given (the last :data:`REFUSALS_KEPT` per team are kept)."""
+        ...
+
+    async def recent_refusals(self, team: str, limit: int = 10) -> list[Refusal]: ...
 
     async def spend_report(self, period_keys: dict[str, str]) -> list[SpendRow]:
         """Per team (name -> period key): limit, credit, spent, reserved, jobs, saved."""

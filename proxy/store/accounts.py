@@ -17,6 +17,7 @@ from ..errors import BudgetExceeded, TooManyRequests
 from ..money import micros_to_usd
 from ..values import Hold
 from . import BudgetView, Decision, EntryRefused, LedgerEntry, SoftAlert, Team
+from .migrations import DAY_ROLLUP_COLUMNS, DAY_ROLLUP_FROM_LEDGER
 from .sql import Sql, Tx, changed, one
 
 GLOBAL_SCOPE = "global"
@@ -264,7 +265,18 @@ def mismatches() -> Tx[list[str]]:
         found.append(f"metrics rollup {team}/{model}: spent={spent} saved={saved}, ledger spent={l_spent} saved={l_saved}")
     for model, status, jobs, counted in (yield Sql(JOB_COUNT_MISMATCHES)).fetchall():
         found.append(f"job count {model}/{status}: {jobs} counted, {counted} jobs")
+    for team, day, key, model, resolution, *figures in (yield Sql(DAY_ROLLUP_MISMATCHES)).fetchall():
+        found.append(f"day rollup {team} {day} ({key}) {model or '-'}/{resolution or '-'}: "
+                     f"jobs, seconds, charged, hits, saved = {figures[:5]}, ledger {figures[5:]}")
     return found
+
+
+def rebuild_day_rollup() -> Tx[int]:
+    """The per-day rollup recomputed from the ledger (``pixazo-proxy rollup rebuild``); the rows it now holds."""
+    yield Sql("DELETE FROM day_rollup")
+    yield Sql(f"INSERT INTO day_rollup ({DAY_ROLLUP_COLUMNS}) {DAY_ROLLUP_FROM_LEDGER}")
+    (rows,) = yield from one("SELECT COUNT(*) FROM day_rollup")
+    return int(rows)
 
 
 #: The /metrics rollups against what they summarise, both ways round (a row missing on either side is a mismatch).
@@ -286,4 +298,18 @@ JOB_COUNT_MISMATCHES = """
     LEFT JOIN job_counts c ON c.model = b.model AND c.status = b.status
     LEFT JOIN j ON j.model = b.model AND j.status = b.status
     WHERE COALESCE(c.jobs, 0) != COALESCE(j.jobs, 0)
+"""
+_DAY_FIGURES = ("jobs", "seconds", "charged_micros", "hits", "saved_micros")
+_DAY_KEY = ("team", "day", "period_key", "model", "resolution")
+#: The per-day rollup against the ledger it summarises, both ways round.
+DAY_ROLLUP_MISMATCHES = f"""
+    WITH l ({", ".join(_DAY_KEY + _DAY_FIGURES)}) AS ({DAY_ROLLUP_FROM_LEDGER}),
+         both_sides AS (SELECT {", ".join(_DAY_KEY)} FROM l UNION SELECT {", ".join(_DAY_KEY)} FROM day_rollup)
+    SELECT {", ".join(f"b.{name}" for name in _DAY_KEY)},
+           {", ".join(f"COALESCE(r.{name}, 0)" for name in _DAY_FIGURES)},
+           {", ".join(f"COALESCE(l.{name}, 0)" for name in _DAY_FIGURES)}
+    FROM both_sides b
+    LEFT JOIN day_rollup r ON {" AND ".join(f"r.{name} = b.{name}" for name in _DAY_KEY)}
+    LEFT JOIN l ON {" AND ".join(f"l.{name} = b.{name}" for name in _DAY_KEY)}
+    WHERE {" OR ".join(f"COALESCE(r.{name}, 0) != COALESCE(l.{name}, 0)" for name in _DAY_FIGURES)}
 """

@@ -23,16 +23,23 @@ from ..ttlcache import TtlCache
 from ..values import Hold
 from ..views import status_body
 from . import (
+    REFUSALS_KEPT,
     TERMINAL_STATUSES,
     BudgetView,
+    ConsoleIdentity,
+    ConsoleSession,
+    DaySpend,
     Decision,
     Delivery,
     FingerprintTaken,
+    HandleQuery,
     HandleView,
     HoldCheck,
+    JobRow,
     JobUpdate,
     LedgerEntry,
     Receipt,
+    Refusal,
     RememberedKey,
     Reservation,
     ReusableJob,
@@ -43,7 +50,9 @@ from . import (
     SubmitWindow,
     Team,
     TeamExists,
+    Totals,
     UnknownTeam,
+    UserSpend,
     accounts,
     check_team_settings,
     outbox,
@@ -289,18 +298,86 @@ class SqlStore:
                                  iso_utc())
 
     async def ledger(self, team: str, period_key: str | None = None, limit: int = 100,
-                     before_id: int | None = None) -> list[LedgerEntry]:
+                     before_id: int | None = None, kind: str | None = None,
+                     user: str | None = None) -> list[LedgerEntry]:
         sql = f"SELECT {accounts.LEDGER_COLUMNS} FROM ledger WHERE team = ?"
         params: list[Any] = [team]
-        if period_key is not None:
-            sql += " AND period_key = ?"
-            params.append(period_key)
+        for column, value in (("period_key", period_key), ("kind", kind), ("user_id", user)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
         if before_id is not None:
             sql += " AND id < ?"
             params.append(before_id)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
         return [accounts.ledger_entry(row) for row in await self._read(every, sql, *params)]
+
+    async def daily_spend(self, team: str, first_day: str, last_day: str) -> list[DaySpend]:
+        rows = await self._read(every, "SELECT day, period_key, model, resolution, jobs, seconds, charged_micros, hits, "
+                                       "saved_micros FROM day_rollup WHERE team = ? AND day >= ? AND day <= ? "
+                                       "ORDER BY day, model, resolution, period_key", team, first_day, last_day)
+        return [DaySpend(*row) for row in rows]
+
+    async def rebuild_day_rollup(self) -> int:
+        return await self._write(accounts.rebuild_day_rollup)
+
+    async def top_users(self, team: str, period_key: str, limit: int = 10) -> list[UserSpend]:
+        prefix = accounts.user_scope(team, "")  # 'user:<team>/': a range of the totals' primary key
+        rows = await self._read(every, "SELECT scope, spent_micros, reserved_micros FROM budget_totals "
+                                       "WHERE scope >= ? AND scope < ? AND period_key = ? "
+                                       "ORDER BY spent_micros DESC, scope LIMIT ?",
+                                prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1), period_key, limit)
+        return [UserSpend(scope[len(prefix):], spent, reserved) for scope, spent, reserved in rows]
+
+    async def global_totals(self, period_key: str) -> Totals:
+        spent, reserved, _, _ = await self._read(accounts.totals, accounts.GLOBAL_SCOPE, period_key)
+        return Totals(spent, reserved)
+
+    async def find_handles(self, query: HandleQuery, limit: int = 50) -> list[JobRow]:
+        sql = JOB_ROWS
+        params: list[Any] = []
+        for clause, value in (("h.team = ?", query.team), ("h.user_id = ?", query.user), ("h.model = ?", query.model),
+                              ("j.status = ?", query.status), ("h.cache = ?", query.cache),
+                              ("h.created_at >= ?", query.since), ("h.created_at < ?", query.until)):
+            if value is not None:
+                sql += f" AND {clause}"
+                params.append(value)
+        if query.before is not None:
+            sql += " AND (h.created_at < ? OR (h.created_at = ? AND h.id < ?))"
+            params.extend((query.before[0], query.before[0], query.before[1]))
+        sql += " ORDER BY h.created_at DESC, h.id DESC LIMIT ?"
+        return [job_row(row) for row in await self._read(every, sql, *params, limit)]
+
+    # the console's sign-in
+
+    async def add_console_link(self, token_hash: str, identity: ConsoleIdentity, expires_at: str) -> None:
+        await self._write(_add_console_link, token_hash, identity, expires_at, iso_utc())
+
+    async def redeem_console_link(self, token_hash: str, now: str) -> ConsoleIdentity | None:
+        row = await self._write(one, "UPDATE console_links SET used_at = ? WHERE token_hash = ? AND used_at IS NULL "
+                                     "AND expires_at > ? RETURNING team, user_id, admin", now, token_hash, now)
+        return ConsoleIdentity(row[0], row[1], bool(row[2])) if row else None
+
+    async def add_console_session(self, id_hash: str, identity: ConsoleIdentity, csrf: str, now: str,
+                                  expires_at: str) -> None:
+        await self._write(_add_console_session, id_hash, identity, csrf, now, expires_at)
+
+    async def console_session(self, id_hash: str, now: str) -> ConsoleSession | None:
+        row = await self._point("SELECT team, user_id, admin, csrf, expires_at FROM console_sessions "
+                                "WHERE id_hash = ? AND expires_at > ?", id_hash, now)
+        return ConsoleSession(ConsoleIdentity(row[0], row[1], bool(row[2])), row[3], row[4]) if row else None
+
+    async def end_console_session(self, id_hash: str) -> None:
+        await self._write(changed, "DELETE FROM console_sessions WHERE id_hash = ?", id_hash)
+
+    async def record_refusal(self, team: str, user: str, model: str, message: str, now: str) -> None:
+        await self._write(_record_refusal, team, user, model, message, now)
+
+    async def recent_refusals(self, team: str, limit: int = 10) -> list[Refusal]:
+        rows = await self._read(every, "SELECT at, user_id, model, message FROM refusals WHERE team = ? "
+                                       "ORDER BY id DESC LIMIT ?", team, limit)
+        return [Refusal(*row) for row in rows]
 
     async def spend_report(self, period_keys: dict[str, str]) -> list[SpendRow]:
         return await self._read(_spend_report, period_keys)
@@ -463,9 +540,9 @@ def _spend_report(period_keys: dict[str, str]) -> Tx[list[SpendRow]]:
             continue
         key = period_keys[team.name]
         view = yield from accounts.budget_view(team, key)
-        jobs, saved = yield from one(
-            "SELECT COALESCE(SUM(CASE WHEN kind = 'settle' THEN 1 ELSE 0 END), 0), "
-            "COALESCE(SUM(saved_micros), 0) FROM ledger WHERE team = ? AND period_key = ?", team.name, key)
+        jobs, saved = yield from one(  # the day rollup's lines of the period: exactly the ledger's, without its rows
+            "SELECT COALESCE(SUM(jobs), 0), COALESCE(SUM(saved_micros), 0) FROM day_rollup "
+            "WHERE team = ? AND period_key = ?", team.name, key)
         rows.append(SpendRow(team.name, key, view.limit_micros, view.credit_micros, view.spent_micros,
                              view.reserved_micros, view.remaining_micros, jobs, saved))
     return rows
@@ -533,6 +610,45 @@ def _notify(job_id: int, status: str, now: str, handle: str | None = None) -> Tx
                        else every(WEBHOOK_HANDLES, job_id))
     targets = [(handle_view(row[2:]), row[0], row[1]) for row in rows]
     yield from outbox.enqueue(targets, status, status in TERMINAL_STATUSES, now, status_body)
+
+
+def _add_console_link(token_hash: str, identity: ConsoleIdentity, expires_at: str, now: str) -> Tx[None]:
+    yield Sql("DELETE FROM console_links WHERE expires_at <= ?", (now,))  # spent or not, an expired link is gone
+    yield Sql("INSERT INTO console_links (token_hash, team, user_id, admin, expires_at) VALUES (?, ?, ?, ?, ?)",
+              (token_hash, identity.team, identity.user, int(identity.admin), expires_at))
+
+
+def _add_console_session(id_hash: str, identity: ConsoleIdentity, csrf: str, now: str, expires_at: str) -> Tx[None]:
+    yield Sql("DELETE FROM console_sessions WHERE expires_at <= ?", (now,))
+    yield Sql("INSERT INTO console_sessions (id_hash, team, user_id, admin, csrf, created_at, expires_at) "
+              "VALUES (?, ?, ?, ?, ?, ?, ?)", (id_hash, identity.team, identity.user, int(identity.admin), csrf, now,
+                                               expires_at))
+
+
+def _record_refusal(team: str, user: str, model: str, message: str, now: str) -> Tx[None]:
+    (entry_id,) = yield from one("INSERT INTO refusals (team, user_id, at, model, message) VALUES (?, ?, ?, ?, ?) "
+                                 "RETURNING id", team, user, now, model, message)
+    yield Sql("DELETE FROM refusals WHERE team = ? AND id <= ?", (team, int(entry_id) - REFUSALS_KEPT))
+
+
+#: A handle, its job, the reservation it made, its settlement (or release) and its saving (a hit or a join).
+JOB_ROWS = """
+    SELECT h.id, h.team, h.user_id, h.model, h.created_at, h.cache, j.status, j.params, j.output, j.error,
+           j.updated_at, j.completed_at, r.amount_micros, s.spent_delta, COALESCE(s.basis, v.basis), v.saved_micros
+    FROM handles h JOIN jobs j ON j.id = h.job_id
+    LEFT JOIN reservations r ON r.job_id = h.job_id AND r.handle = h.id
+    LEFT JOIN ledger s ON s.job_id = h.job_id AND s.kind IN ('settle', 'release') AND s.handle = h.id
+    LEFT JOIN ledger v ON v.job_id = h.job_id AND v.kind = 'saving' AND v.handle = h.id
+    WHERE j.status NOT IN ('SUBMITTING', 'REJECTED')
+"""
+
+
+def job_row(row: Any) -> JobRow:
+    (handle, team, user, model, created_at, cache, status, params, output, error, updated_at, completed_at,
+     estimate, charged, basis, saved) = row
+    return JobRow(handle, team, user, model, created_at, cache, status, json.loads(params),
+                  json.loads(output) if output else None, error, updated_at, completed_at, estimate, charged, basis,
+                  saved)
 
 
 def handle_view(row: Any) -> HandleView:
