@@ -1,4 +1,4 @@
-// pixazo-proxy console: draws the spend charts (uPlot) from the JSON each chart figure carries.
+// pixazo-proxy console: draws the spend charts (uPlot) from the JSON each chart figure carries (data-chart).
 // No inline script anywhere (the Content-Security-Policy forbids it); htmx swaps content in, and
 // htmx:load runs this again for what it brought.
 (function () {
@@ -9,12 +9,11 @@
 
   function draw(figure) {
     if (figure.dataset.drawn || typeof uPlot === "undefined") { return; }
-    var source = document.getElementById(figure.dataset.chart);
     var target = figure.querySelector(".plot");
-    if (!source || !target) { return; }
-    var chart = JSON.parse(source.textContent);
+    if (!target || !figure.dataset.chart) { return; }
+    var chart = JSON.parse(figure.dataset.chart);
     figure.dataset.drawn = "1";
-    if (!chart.days.length) { target.textContent = "No days in this period."; return; }
+    if (!chart.series.length) { target.textContent = "Nothing was spent in " + chart.period + "."; return; }
     // Stacked bars: series n is models 0..n summed (exact micro-dollars, shown as dollars), drawn largest first.
     var running = chart.days.map(function () { return 0; });
     var data = [chart.days];
