@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import io
 import os
 import shutil
 import tempfile
@@ -102,6 +103,13 @@ def _visit(driver: Any, link: str, artifacts: Path) -> dict[str, Any]:
     seen["overview_row"] = driver.find_element(By.CSS_SELECTOR, 'tr[data-team="design"]').text
     _shoot(driver, artifacts, "overview")
 
+    driver.find_element(By.ID, "q").send_keys("res")  # filtered in place as one types (htmx), the URL kept
+    _wait(lambda: [row.get_attribute("data-team") for row in driver.find_elements(By.CSS_SELECTOR, "tr[data-team]")]
+          == ["research"])
+    seen["filtered_url"] = _wait(lambda: "q=res" in driver.current_url and driver.current_url)
+    driver.find_element(By.LINK_TEXT, "Overview").click()
+    _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "tr[data-team]")) == 3)
+
     driver.find_element(By.LINK_TEXT, "design").click()
     _wait(lambda: driver.find_element(By.CSS_SELECTOR, ".plot canvas"))  # uPlot drew the chart
     budget = driver.find_element(By.ID, "f-budget_usd")
@@ -138,24 +146,27 @@ def _visit(driver: Any, link: str, artifacts: Path) -> dict[str, Any]:
 
 
 async def test_the_console_in_a_real_browser(start_gateway, browser, artifacts: Path) -> None:
-    gateway: Gateway = await start_gateway()
-    for n, (team, user, duration) in enumerate((("design", "alice", 6), ("design", "bob", 10), ("research", "rhea", 6))):
-        code, body, _ = await gateway.submit(TEXT_PATH, {"prompt": f"a lighthouse at dusk, take {n}", "duration": duration},
+    gateway: Gateway = await start_gateway(teams={"design": 50_000_000, "research": 50_000_000, "ads": 1_000_000})
+    shots = (("design", "alice", 6, "a lighthouse at dusk, waves crashing"), ("design", "bob", 10, "a fox in fresh snow"),
+             ("research", "rhea", 6, "a time-lapse of a city at night"), ("ads", "ari", 10, "a sneaker turning slowly"))
+    for team, user, duration, prompt in shots:
+        code, body, _ = await gateway.submit(TEXT_PATH, {"prompt": prompt, "duration": duration},
                                              headers=auth(team=team, user=user))
         assert code == 202
         await wait_for_status(gateway, body["request_id"], {"COMPLETED"}, headers=auth(team=team, user=user))
+    assert (await gateway.submit(TEXT_PATH, {"prompt": "one more", "duration": 10}, headers=auth(team="ads")))[0] == 402
     async with ConsoleClient(gateway) as person:
         link = await person.link(user="browser-admin")
 
     seen = await asyncio.to_thread(_session, browser, link, artifacts)
 
     assert "$1.12" in seen["overview_row"]  # 0.42 + 0.70 spent
+    assert seen["filtered_url"].endswith("/console/?q=res&sort=name&dir=asc")
     assert seen["limit"] == "$75.00"
     assert gateway.sql("SELECT budget_limit_micros FROM teams WHERE name = 'design'") == [(75_000_000,)]
     assert seen["credit"] == "$5.00"
     assert "topup" in seen["ledger_top"] and "browser-admin" in seen["ledger_top"] and "browser launch week" in seen["ledger_top"]
-    with open(seen["csv"], newline="") as exported:
-        rows = list(csv.DictReader(exported))
+    rows = list(csv.DictReader(io.StringIO(seen["csv"].read_text())))
     expected = gateway.sql("SELECT id, kind FROM ledger WHERE team = 'design' ORDER BY id DESC")
     assert [(int(row["id"]), row["kind"]) for row in rows] == [(int(i), kind) for i, kind in expected]
     assert rows[0]["credit_delta_usd"] == "5.00" and rows[0]["actor"] == "browser-admin"

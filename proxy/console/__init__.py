@@ -26,6 +26,8 @@ def add_console(app: web.Application, *, session_seconds: float, public_url: str
         app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
         undefined=jinja2.StrictUndefined, app_key=aiohttp_jinja2.APP_KEY)
     environment.filters["usd"] = pages.usd
+    environment.filters["when"] = pages.when
+    environment.filters["model"] = pages.short_model
     environment.globals["static"] = lambda name: f"/console/static/{name}"
     app[pages.SESSION] = session_seconds
     app[pages.SECURE] = public_url.startswith("https://")

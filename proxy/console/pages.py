@@ -27,7 +27,16 @@ from ..money import micros_to_usd
 from ..services import SERVICES, Services
 from ..store import TERMINAL_STATUSES, ConsoleIdentity, ConsoleSession, DaySpend, HandleQuery, JobRow, SpendRow, Team
 from ..tabular import write_csv
-from . import signin
+from .signin import (
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
+    csrf_matches,
+    digest,
+    new_form_nonce,
+    session_of,
+    start_session,
+    well_formed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +92,12 @@ def page(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamRespon
     async def run(request: web.Request) -> web.StreamResponse:
         services = request.app[SERVICES]
         try:
-            session = await signin.session_of(services.store, request.cookies.get(signin.SESSION_COOKIE))
+            session = await session_of(services.store, request.cookies.get(SESSION_COOKIE))
             if session is None:
                 raise web.HTTPSeeOther("/console/login")
             if request.method == "POST":
                 form = await request.post()
-                if not signin.csrf_matches(session.csrf, _text(form.get("csrf"))):
+                if not csrf_matches(session.csrf, _text(form.get("csrf"))):
                     raise Forbidden("This form has expired or did not come from the console: reload the page "
                                     "and send it again")
             return _headers(await handler(request, Visit(services, session)), request)
@@ -127,6 +136,16 @@ def usd(micros: int | None) -> str:
     return "" if micros is None else "$" + micros_to_usd(micros)
 
 
+def when(stamp: str | None) -> str:
+    """``2026-12-01T19:24:09.969Z`` -> ``2026-12-01 19:24:09`` (UTC, as stored)."""
+    return "" if not stamp else stamp[:19].replace("T", " ")
+
+
+def short_model(model: str) -> str:
+    """The catalog's model id without the family prefix every one of them shares."""
+    return model.removeprefix("grok-imagine-video-") or model
+
+
 # signing in and out
 
 
@@ -136,8 +155,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     try:
         token = request.query.get("token")
         if token is not None:
-            identity = (await services.store.redeem_console_link(signin.digest(token), iso_utc())
-                        if signin.well_formed(token) else None)
+            identity = (await services.store.redeem_console_link(digest(token), iso_utc())
+                        if well_formed(token) else None)
             if identity is None:
                 raise Unauthorized("This sign-in link is not valid: it was used already, it expired, or it was "
                                    "never issued. Ask for a new one (pixazo-proxy console link).")
@@ -152,9 +171,9 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 
 def _login_form(request: web.Request, error: str | None = None, status: int = 200) -> web.StreamResponse:
-    nonce = signin.new_form_nonce()
+    nonce = new_form_nonce()
     response = _render(request, "login.html", None, status=status, nonce=nonce, error=error)
-    response.set_cookie(signin.LOGIN_COOKIE, nonce, path="/console/login", httponly=True, samesite="Strict",
+    response.set_cookie(LOGIN_COOKIE, nonce, path="/console/login", httponly=True, samesite="Strict",
                         secure=request.app[SECURE], max_age=3600)
     return _headers(response, request)
 
@@ -162,8 +181,8 @@ def _login_form(request: web.Request, error: str | None = None, status: int = 20
 async def _login_with_token(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     form = await request.post()
-    if not signin.csrf_matches(request.cookies.get(signin.LOGIN_COOKIE, ""), _text(form.get("nonce"))) \
-            or not request.cookies.get(signin.LOGIN_COOKIE):
+    if not csrf_matches(request.cookies.get(LOGIN_COOKIE, ""), _text(form.get("nonce"))) \
+            or not request.cookies.get(LOGIN_COOKIE):
         raise Forbidden("This sign-in form has expired: reload the page and paste the token again")
     token = _text(form.get("token")) or ""
     caller = await services.authenticator.identify({"Authorization": f"Bearer {token}"} if token else {})
@@ -172,11 +191,11 @@ async def _login_with_token(request: web.Request) -> web.StreamResponse:
 
 
 async def _signed_in(request: web.Request, identity: ConsoleIdentity) -> web.StreamResponse:
-    cookie, _ = await signin.start_session(request.app[SERVICES].store, identity, request.app[SESSION])
+    cookie, _ = await start_session(request.app[SERVICES].store, identity, request.app[SESSION])
     response = _see_other("/console/")
-    response.set_cookie(signin.SESSION_COOKIE, cookie, path="/console/", httponly=True, samesite="Strict",
+    response.set_cookie(SESSION_COOKIE, cookie, path="/console/", httponly=True, samesite="Strict",
                         secure=request.app[SECURE], max_age=int(request.app[SESSION]))
-    response.del_cookie(signin.LOGIN_COOKIE, path="/console/login")
+    response.del_cookie(LOGIN_COOKIE, path="/console/login")
     logger.info("console sign-in: %s of team %s%s", identity.user, identity.team, " (admin)" if identity.admin else "",
                 extra={"event": "console.sign_in", "team": identity.team})
     return _headers(response, request)
@@ -184,10 +203,10 @@ async def _signed_in(request: web.Request, identity: ConsoleIdentity) -> web.Str
 
 @page
 async def logout(request: web.Request, visit: Visit) -> web.StreamResponse:
-    cookie = request.cookies.get(signin.SESSION_COOKIE, "")
-    await visit.services.store.end_console_session(signin.digest(cookie))
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    await visit.services.store.end_console_session(digest(cookie))
     response = _see_other("/console/login")
-    response.del_cookie(signin.SESSION_COOKIE, path="/console/")
+    response.del_cookie(SESSION_COOKIE, path="/console/")
     return response
 
 
@@ -288,7 +307,8 @@ def _chart(lines: list[DaySpend], period: str, first: date, last: date) -> dict[
         if line.day in index:
             series[line.model][index[line.day]] += line.charged_micros
     return {"period": period, "days": [int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp()) for d in days],
-            "series": [{"label": model or "adjustments", "micros": values} for model, values in series.items()]}
+            "series": [{"label": short_model(model) if model else "adjustments", "micros": values}
+                       for model, values in series.items()]}
 
 
 @page
