@@ -23,7 +23,9 @@ def safe_cell(value: Any) -> Any:
     return value
 
 
-def write_csv(out: TextIO, columns: list[str], rows: Iterable[dict[str, Any]]) -> None:
+def write_csv(out: TextIO, columns: list[str], rows: Iterable[dict[str, Any]], *, header: bool = True) -> None:
+    """``rows`` as CSV, after a header line unless ``header`` is false (a later batch of the same file)."""
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     writer.writerows({name: safe_cell(row[name]) for name in columns} for row in rows)

@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 import sys
+from datetime import datetime
+from decimal import Decimal
 
 import pytest
 
@@ -308,3 +310,31 @@ async def test_pages_without_a_session_redirect_to_sign_in(gateway: Gateway, pat
         forged = await stranger.get(path, allow_redirects=False, headers={"Cookie": f"{SESSION_COOKIE}=" + "A" * 43})
     assert (page.status, page.headers["Location"]) == (303, "/console/login")
     assert forged.status == 303
+
+
+async def test_a_session_begun_with_a_pasted_token_ends_when_the_token_does(gateway: Gateway) -> None:
+    async with ConsoleClient(gateway) as person:
+        form = await person.get("/console/login")
+        nonce = re.search(r'name="nonce" value="([^"]+)"', form.text).group(1)
+        page = await person.post("/console/login", {"nonce": nonce, "token": make_token(ttl=60)}, allow_redirects=False)
+    [session] = [c for c in page.headers.getall("Set-Cookie") if c.startswith(SESSION_COOKIE + "=")]
+    max_age = int(re.search(r"Max-Age=(\d+)", session).group(1))
+    assert 50 <= max_age <= 60  # not the 8 hours a link's session lasts
+    [(expires,)] = gateway.sql("SELECT expires_at FROM console_sessions")
+    [(created,)] = gateway.sql("SELECT created_at FROM console_sessions")
+    gap = datetime.fromisoformat(expires.replace("Z", "+00:00")) - datetime.fromisoformat(created.replace("Z", "+00:00"))
+    assert 50 <= gap.total_seconds() <= 60
+
+
+async def test_a_csv_longer_than_one_batch_is_streamed_whole(gateway: Gateway) -> None:
+    store = gateway.services.store
+    for n in range(1003):  # more than one batch of 1000
+        await store.add_entry("design", "topup", 1_000 + n, "2026-12", "2026-12", "seed", f"top-up {n}")
+    async with ConsoleClient(gateway) as admin:
+        await admin.sign_in()
+        exported = await admin.get("/console/teams/design/ledger.csv?period=2026-12&kind=topup")
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert len(rows) == 1003 and exported.text.count("id,at,kind") == 1  # one header
+    assert [row["note"] for row in rows[:2]] == ["top-up 1002", "top-up 1001"] and rows[-1]["note"] == "top-up 0"
+    assert sum(Decimal(row["credit_delta_usd"]) for row in rows) == Decimal(sum(1_000 + n for n in range(1003))) / 10**6
+    assert [row["credit_delta_usd"] for row in rows[-2:]] == ["0.001001", "0.001"]

@@ -11,7 +11,7 @@ import re
 import sqlite3
 from pathlib import Path
 
-from proxy.store import Decision, IdempotencyRecord, JobUpdate, Saving, Submission
+from proxy.store import ConsoleIdentity, Decision, HandleQuery, IdempotencyRecord, JobUpdate, Saving, Submission
 from proxy.store.sqlite import SQLiteStore
 from proxy.values import Estimate, Hold
 
@@ -94,3 +94,47 @@ async def test_hot_path_statements_use_indexes(tmp_path: Path) -> None:
     scans = {statement: [line for line in plan if SCAN.search(line) and not line.endswith(IN_FLIGHT_INDEXES)]
              for statement, plan in explained.items()}
     assert {statement: lines for statement, lines in scans.items() if lines} == {}
+
+
+async def console_paths(store: TracedStore) -> None:
+    """What the console's pages read and write (after the hot paths, so every table has rows)."""
+    await store.spend_report({"design": "2026-11"})
+    await store.daily_spend("design", "2026-10-01", "2026-11-30")
+    await store.top_users("design", "2026-11")
+    await store.global_totals("2026-11")
+    await store.find_handles(HandleQuery(), 51)
+    await store.find_handles(HandleQuery(team="design", status="COMPLETED", before=("2026-11-30", "h9")), 51)
+    await store.find_handles(HandleQuery(team="design", user="alice", since="2026-11-01", until="2026-12-01"), 51)
+    await store.ledger("design", "2026-11", 51, 100, "topup", "alice")
+    identity = ConsoleIdentity("design", "alice", True)
+    await store.add_console_link("link", identity, "2999-01-01T00:00:00.000Z")
+    await store.redeem_console_link("link", "2026-11-25T00:00:00.000Z")
+    await store.add_console_session("session", identity, "csrf", "2026-11-25T00:00:00.000Z", "2999-01-01T00:00:00.000Z")
+    await store.console_session("session", "2026-11-25T00:00:00.000Z")
+    await store.end_console_session("session")
+    await store.record_refusal("design", "alice", "m", "over budget", "2026-11-25T00:00:00.000Z")
+    await store.recent_refusals("design")
+
+
+async def test_console_statements_read_through_indexes(tmp_path: Path) -> None:
+    """No page reads a growing table whole, under any alias: every table is searched by an index or walked in
+    an index's order under a LIMIT, and nothing that grows is sorted in a temporary tree."""
+    store = TracedStore(tmp_path / "console.db")
+    await store.open()
+    try:
+        await hot_paths(store)
+        store.statements.clear()
+        await console_paths(store)
+    finally:
+        await store.close()
+    found: dict[str, list[str]] = {}
+    with sqlite3.connect(tmp_path / "console.db") as db:
+        for statement in dict.fromkeys(store.statements):
+            if re.match(r"\s*(SELECT|UPDATE|DELETE|INSERT)", statement, re.IGNORECASE):
+                found[statement] = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + statement)]
+    assert len(found) >= 15
+    bad = {statement: [line for line in plan if re.match(r"SCAN \w+$", line)  # a table read whole, no index
+                       or line == "USE TEMP B-TREE FOR ORDER BY"]  # everything found sorted (a growing set)
+           # teams: a row per team; budget_totals: a row per user and period of one team, not per job
+           for statement, plan in found.items() if "FROM teams" not in statement and "FROM budget_totals" not in statement}
+    assert {statement: lines for statement, lines in bad.items() if lines} == {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -187,14 +188,19 @@ async def _login_with_token(request: web.Request) -> web.StreamResponse:
     token = _text(form.get("token")) or ""
     caller = await services.authenticator.identify({"Authorization": f"Bearer {token}"} if token else {})
     principal = caller.principal
-    return await _signed_in(request, ConsoleIdentity(principal.team, principal.user, principal.admin))
+    expires = (await services.authenticator.verify(token)).get("exp")  # verified just now: from its cache
+    left = float(expires) - time.time() if isinstance(expires, (int, float)) and not isinstance(expires, bool) else None
+    return await _signed_in(request, ConsoleIdentity(principal.team, principal.user, principal.admin), left)
 
 
-async def _signed_in(request: web.Request, identity: ConsoleIdentity) -> web.StreamResponse:
-    cookie, _ = await start_session(request.app[SERVICES].store, identity, request.app[SESSION])
+async def _signed_in(request: web.Request, identity: ConsoleIdentity,
+                     token_left: float | None = None) -> web.StreamResponse:
+    """Start a session; one begun with a pasted token ends when the token does, if that is sooner."""
+    seconds = request.app[SESSION] if token_left is None else max(1.0, min(request.app[SESSION], token_left))
+    cookie, _ = await start_session(request.app[SERVICES].store, identity, seconds)
     response = _see_other("/console/")
     response.set_cookie(SESSION_COOKIE, cookie, path="/console/", httponly=True, samesite="Strict",
-                        secure=request.app[SECURE], max_age=int(request.app[SESSION]))
+                        secure=request.app[SECURE], max_age=int(seconds))
     response.del_cookie(LOGIN_COOKIE, path="/console/login")
     logger.info("console sign-in: %s of team %s%s", identity.user, identity.team, " (admin)" if identity.admin else "",
                 extra={"event": "console.sign_in", "team": identity.team})
@@ -346,9 +352,9 @@ async def _team_view(request: web.Request, visit: Visit, team: Team, *, errors: 
 
 
 def _ledger_filter(request: web.Request, team: Team, current: str) -> dict[str, Any]:
-    period = request.query.get("period") or current
-    if period != "all" and not PERIOD_KEY.fullmatch(period):
-        raise FieldError("period", "'period' must look like 2026-11, 2026-W48, 2026-11-24, total or all")
+    period = request.query.get("period") or current  # one period at a time: its rows are one index range
+    if not PERIOD_KEY.fullmatch(period):
+        raise FieldError("period", "'period' must look like 2026-11, 2026-W48, 2026-11-24 or total")
     kind = request.query.get("kind") or None
     if kind is not None and kind not in LEDGER_KINDS:
         raise FieldError("kind", f"'kind' must be one of {', '.join(LEDGER_KINDS)}")
@@ -356,7 +362,7 @@ def _ledger_filter(request: web.Request, team: Team, current: str) -> dict[str, 
     before_text = request.query.get("before")
     before = int(before_text) if before_text and before_text.isascii() and before_text.isdigit() \
         and len(before_text) < 19 else None
-    return {"period": None if period == "all" else period, "kind": kind, "user": user, "before": before}
+    return {"period": period, "kind": kind, "user": user, "before": before}
 
 
 _SETTING_FIELDS = ("budget_usd", "period", "soft_threshold_percent", "user_cap_usd", "max_concurrent_jobs",
@@ -437,26 +443,35 @@ async def team_secret(request: web.Request, visit: Visit) -> web.StreamResponse:
     return await _team_view(request, visit, team, secret=secret, notice="Webhook secret rotated.")
 
 
+LEDGER_CSV_COLUMNS = ["id", "at", "kind", "team", "user", "handle", "model", "seconds", "resolution", "period",
+                      "reserved_delta_usd", "spent_delta_usd", "credit_delta_usd", "saved_usd", "basis", "actor", "note"]
+CSV_BATCH = 1000
+
+
 @page
 async def ledger_csv(request: web.Request, visit: Visit) -> web.StreamResponse:
+    """Exactly what the team page's ledger filters show, every page of it, streamed a batch at a time."""
     team = await _team(visit, request.match_info["team"])
     found = _ledger_filter(request, team, period_key(team.period, visit.services.clock.now()))
-    rows: list[dict[str, Any]] = []
-    before = None
-    while True:  # exactly what the page's filters show, every page of it
-        entries = await visit.services.store.ledger(team.name, found["period"], 1000, before, found["kind"],
+    name = f"ledger-{team.name}-{found['period']}{'-' + found['kind'] if found['kind'] else ''}.csv"
+    response = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
+                                           "Content-Disposition": f'attachment; filename="{name}"'})
+    _headers(response, request)
+    before, header = None, True
+    while True:
+        entries = await visit.services.store.ledger(team.name, found["period"], CSV_BATCH, before, found["kind"],
                                                     found["user"])
-        rows.extend(entry_json(entry) for entry in entries)
-        if len(entries) < 1000:
+        out = io.StringIO()
+        write_csv(out, LEDGER_CSV_COLUMNS, (entry_json(entry) for entry in entries), header=header)
+        if header:
+            await response.prepare(request)
+            header = False
+        await response.write(out.getvalue().encode())
+        if len(entries) < CSV_BATCH:
             break
         before = entries[-1].id
-    out = io.StringIO()
-    columns = ["id", "at", "kind", "team", "user", "handle", "model", "seconds", "resolution", "period",
-               "reserved_delta_usd", "spent_delta_usd", "credit_delta_usd", "saved_usd", "basis", "actor", "note"]
-    write_csv(out, columns, rows)
-    name = f"ledger-{team.name}-{found['period'] or 'all'}{'-' + found['kind'] if found['kind'] else ''}.csv"
-    return web.Response(text=out.getvalue(), content_type="text/csv",
-                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    await response.write_eof()
+    return response
 
 
 # jobs and the gallery
