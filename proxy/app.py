@@ -25,7 +25,7 @@ from .catalog import Catalog, load_catalog
 from .clock import Clock
 from .config import Config, Secret
 from .console import add_console
-from .errors import error_middleware
+from .errors import StoreUnavailable, error_middleware
 from .media import MediaStore
 from .metrics import Metrics, metrics_handler
 from .observe import observe_middleware
@@ -47,6 +47,7 @@ from .routes import add_routes
 from .services import SERVICES, Services
 from .settle import Settler
 from .simulator import Simulator, SimulatorSettings
+from .store import Store
 from .store.factory import store_at
 from .sweeper import Sweeper
 from .tracker import Tracker
@@ -136,10 +137,13 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
 
     async def open_store(app: web.Application) -> AsyncIterator[None]:
         await store.open()
-        mismatches = await store.ledger_mismatches()
-        for mismatch in mismatches:
-            logger.error("budget totals differ from the ledger: %s", mismatch)
+        # The books are checked against the ledger once per start, beside serving rather than before it: the
+        # check reads the whole ledger (seconds at a million rows), and what it finds is for an operator to read.
+        check = asyncio.create_task(_check_books(store), name="ledger check")
         yield
+        check.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await check
         await store.close()
 
     async def open_clients(app: web.Application) -> AsyncIterator[None]:
@@ -184,6 +188,18 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
 
     app.router.add_get("/openapi.json", openapi)
     return app
+
+
+async def _check_books(store: Store) -> None:
+    try:
+        mismatches = await store.ledger_mismatches()
+    except StoreUnavailable as exc:
+        logger.warning("ledger check at start-up skipped: %s", exc.message)
+        return
+    for mismatch in mismatches:
+        logger.error("budget totals differ from the ledger: %s", mismatch)
+    if not mismatches:
+        logger.info("ledger check at start-up: every total and rollup matches the ledger")
 
 
 def _metrics_site(metrics: Metrics, host: str, port: int) -> Context:

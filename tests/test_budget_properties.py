@@ -109,7 +109,7 @@ async def poll_all(http: aiohttp.ClientSession, gateway: TestServer, handles: li
 
 
 async def check_invariants(db: Path) -> None:
-    assert await ledger_mismatches(db) == []
+    assert await ledger_mismatches(db) == []  # totals, /metrics rollups and the day rollup, each against the ledger
     with sqlite3.connect(db) as connection:
         for team, spent, reserved, credit in connection.execute(
             "SELECT substr(scope, 6), spent_micros, reserved_micros, credit_micros FROM budget_totals WHERE scope LIKE 'team:%'"

@@ -104,6 +104,7 @@ async def test_sigkill_under_load_loses_nothing(tmp_path: Path, simulator: Simul
         failed_deliveries = connection.execute("SELECT COUNT(*) FROM outbox WHERE state = 'failed'").fetchone()[0]
     assert set(statuses) == set(accepted), f"seed {seed}: an accepted handle was lost"
     assert set(statuses.values()) == {"COMPLETED"}, f"seed {seed}"
+    # totals, the /metrics rollups and the console's day rollup, each against the ledger
     assert await ledger_mismatches(db) == [], f"seed {seed}"
     assert failed_deliveries == 0
     ids_by_handle: dict[str, set[str]] = defaultdict(set)

@@ -38,6 +38,9 @@ async def test_an_open_reservation_without_its_total_is_reported(gateway: Gatewa
     ("DELETE FROM spend_rollup", "metrics rollup design/"),
     ("UPDATE job_counts SET jobs = jobs + 1 WHERE status = 'COMPLETED'", "job count "),
     ("DELETE FROM job_counts", "job count "),
+    ("UPDATE day_rollup SET saved_micros = saved_micros + 1", "day rollup design "),
+    ("UPDATE day_rollup SET jobs = jobs + 1", "day rollup design "),
+    ("DELETE FROM day_rollup WHERE hits = 0", "day rollup design "),
 ])
 async def test_a_drifted_metrics_rollup_is_reported(gateway: Gateway, statement: str, reported: str) -> None:
     same = {"prompt": "a lighthouse"}
@@ -51,3 +54,16 @@ async def test_a_drifted_metrics_rollup_is_reported(gateway: Gateway, statement:
     found = await ledger_mismatches(db)
 
     assert len(found) >= 1 and all(line.startswith(reported) for line in found), found
+
+
+async def test_a_gateway_started_on_drifted_books_says_so(start_gateway, caplog: pytest.LogCaptureFixture) -> None:
+    first = await start_gateway()
+    assert (await first.submit())[0] == 202
+    await until(lambda: [k for (k,) in first.ledger_rows("kind")] == ["reserve", "settle"])
+    await first.server.close()
+    first.execute("UPDATE budget_totals SET spent_micros = spent_micros + 1 WHERE scope = 'team:design'")
+
+    await start_gateway()  # serves at once; the check runs beside it and logs what it finds
+
+    await until(lambda: any(r.levelname == "ERROR" and r.getMessage().startswith(
+        "budget totals differ from the ledger: team:design ") for r in caplog.records), timeout=10)

@@ -229,28 +229,33 @@ def ledger_entry(row: tuple[Any, ...]) -> LedgerEntry:
     return LedgerEntry(*row)
 
 
+def _against_ledger(scope: str, keys: str, period: str, credit: str, where: str) -> str:
+    """Totals rows of one kind against the ledger summed once per (scope, period): one pass over the ledger,
+    not a pass per totals row (a join on a computed scope cannot use an index)."""
+    return f"""
+    WITH l AS (SELECT {scope} AS scope, {period} AS period_key, SUM(spent_delta) AS spent,
+                      SUM(reserved_delta) AS reserved, {credit} AS credit
+               FROM ledger {where} GROUP BY {keys})
+    SELECT t.scope, t.period_key, t.spent_micros, t.reserved_micros, t.credit_micros,
+           COALESCE(l.spent, 0), COALESCE(l.reserved, 0), COALESCE(l.credit, 0)
+    FROM budget_totals t LEFT JOIN l ON l.scope = t.scope AND l.period_key = t.period_key"""
+
+
 MISMATCH_QUERIES = (
     # team totals against the ledger
-    """SELECT t.scope, t.period_key, t.spent_micros, t.reserved_micros, t.credit_micros,
-              COALESCE(SUM(l.spent_delta), 0), COALESCE(SUM(l.reserved_delta), 0), COALESCE(SUM(l.credit_delta), 0)
-       FROM budget_totals t LEFT JOIN ledger l ON t.scope = 'team:' || l.team AND l.period_key = t.period_key
-       WHERE t.scope LIKE 'team:%' GROUP BY t.scope, t.period_key""",
-    # per-user totals
-    """SELECT t.scope, t.period_key, t.spent_micros, t.reserved_micros, t.credit_micros,
-              COALESCE(SUM(l.spent_delta), 0), COALESCE(SUM(l.reserved_delta), 0), 0
-       FROM budget_totals t LEFT JOIN ledger l
-            ON t.scope = 'user:' || l.team || '/' || l.user_id AND l.period_key = t.period_key
-       WHERE t.scope LIKE 'user:%' GROUP BY t.scope, t.period_key""",
+    _against_ledger("'team:' || team", "team, period_key", "period_key", "SUM(credit_delta)", "")
+    + " WHERE t.scope LIKE 'team:%'",
+    # per-user totals (a user's credit is always 0: top-ups are the team's)
+    _against_ledger("'user:' || team || '/' || user_id", "team, user_id, period_key", "period_key", "0",
+                    "WHERE user_id IS NOT NULL") + " WHERE t.scope LIKE 'user:%'",
     # the gateway-wide totals
-    """SELECT t.scope, t.period_key, t.spent_micros, t.reserved_micros, t.credit_micros,
-              COALESCE(SUM(l.spent_delta), 0), COALESCE(SUM(l.reserved_delta), 0), 0
-       FROM budget_totals t LEFT JOIN ledger l ON l.global_period_key = t.period_key
-       WHERE t.scope = 'global' GROUP BY t.scope, t.period_key""",
+    _against_ledger("'global'", "global_period_key", "global_period_key", "0", "") + " WHERE t.scope = 'global'",
     # open reservations against reserved totals
-    """SELECT t.scope, t.period_key, 0, t.reserved_micros, 0, 0, COALESCE(SUM(r.amount_micros), 0), 0
-       FROM budget_totals t LEFT JOIN reservations r
-            ON t.scope = 'team:' || r.team AND r.period_key = t.period_key AND r.state = 'open'
-       WHERE t.scope LIKE 'team:%' GROUP BY t.scope, t.period_key""",
+    """WITH r AS (SELECT 'team:' || team AS scope, period_key, SUM(amount_micros) AS reserved FROM reservations
+                  WHERE state = 'open' GROUP BY team, period_key)
+       SELECT t.scope, t.period_key, 0, t.reserved_micros, 0, 0, COALESCE(r.reserved, 0), 0
+       FROM budget_totals t LEFT JOIN r ON r.scope = t.scope AND r.period_key = t.period_key
+       WHERE t.scope LIKE 'team:%'""",
 )
 
 
