@@ -70,7 +70,7 @@ def _console_tables(money: str, serial: str) -> str:
         message TEXT NOT NULL
     );
     CREATE INDEX refusals_team ON refusals (team, id);
-    CREATE INDEX handles_created ON handles (created_at);
+    CREATE INDEX handles_created ON handles (created_at, id);
     """
 
 

@@ -632,14 +632,16 @@ def _record_refusal(team: str, user: str, model: str, message: str, now: str) ->
 
 
 #: A handle, its job, the reservation it made, its settlement (or release) and its saving (a hit or a join).
+#: Handles drive the join, newest first (CROSS JOIN fixes SQLite's join order; PostgreSQL plans it as any join):
+#: led by jobs, a status filter that nearly every job matches had SQLite read them all and sort (12.6 s at 1M).
 JOB_ROWS = """
     SELECT h.id, h.team, h.user_id, h.model, h.created_at, h.cache, j.status, j.params, j.output, j.error,
            j.updated_at, j.completed_at, r.amount_micros, s.spent_delta, COALESCE(s.basis, v.basis), v.saved_micros
-    FROM handles h JOIN jobs j ON j.id = h.job_id
+    FROM handles h CROSS JOIN jobs j
     LEFT JOIN reservations r ON r.job_id = h.job_id AND r.handle = h.id
     LEFT JOIN ledger s ON s.job_id = h.job_id AND s.kind IN ('settle', 'release') AND s.handle = h.id
     LEFT JOIN ledger v ON v.job_id = h.job_id AND v.kind = 'saving' AND v.handle = h.id
-    WHERE j.status NOT IN ('SUBMITTING', 'REJECTED')
+    WHERE j.id = h.job_id AND j.status NOT IN ('SUBMITTING', 'REJECTED')
 """
 
 

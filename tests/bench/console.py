@@ -28,11 +28,14 @@ from pathlib import Path
 
 from tests.bench.run import KEY, ROOT, SECRET, T2V, Server, free_port, table
 
+_NOW = datetime.now(UTC)
+_PREVIOUS = (datetime(_NOW.year, _NOW.month, 1, tzinfo=UTC) - timedelta(days=1)).strftime("%Y-%m")
 PAGES = (
     ("overview", "/console/"),
     ("team (charts, ledger page)", "/console/teams/bench"),
-    ("team, ledger filtered by user", "/console/teams/bench?user=user-7"),
-    ("team, ledger filtered by kind (rare)", "/console/teams/bench?kind=topup"),
+    ("team, the previous period's ledger", f"/console/teams/bench?period={_PREVIOUS}"),
+    ("team, previous period, ledger by user", f"/console/teams/bench?period={_PREVIOUS}&user=user-7"),
+    ("team, previous period, ledger by kind (none)", f"/console/teams/bench?period={_PREVIOUS}&kind=topup"),
     ("jobs (all teams)", "/console/jobs"),
     ("jobs of a team, by status", "/console/jobs?team=bench&status=COMPLETED"),
     ("jobs of a team, by user", "/console/jobs?team=bench&user=user-7"),
