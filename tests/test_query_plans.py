@@ -105,6 +105,7 @@ MILLION_ROW_STATS = [
     ("handles", "handles_job", "1000000 1"), ("handles", "handles_team", "1000000 1000000 1"),
     ("handles", "sqlite_autoindex_handles_1", "1000000 1"), ("budget_totals", "sqlite_autoindex_budget_totals_1", "55 1 1"),
     ("ledger", "ledger_job", "1000000 1"), ("ledger", "ledger_team_period", "1000000 1000000 500000 1"),
+    *(("ledger", f"ledger_{kind}", "100 100 50 1") for kind in ("release", "saving", "adjust", "topup")),
     ("reservations", None, "1000000"), ("refusals", "refusals_team", "20 20 1"),
 ]
 
@@ -121,6 +122,7 @@ async def console_paths(store: TracedStore) -> None:
     await store.find_handles(HandleQuery(team="design", status="COMPLETED", before=("2026-11-30", "h9")), 51)
     await store.find_handles(HandleQuery(team="design", user="alice", since="2026-11-01", until="2026-12-01"), 51)
     await store.ledger("design", "2026-11", 51, 100, "topup", "alice")
+    await store.ledger("design", "2026-11", 51, None, "adjust")  # a kind a long period may hold none of
     identity = ConsoleIdentity("design", "alice", True)
     await store.add_console_link("link", identity, "2999-01-01T00:00:00.000Z")
     await store.redeem_console_link("link", "2026-11-25T00:00:00.000Z")
@@ -158,3 +160,6 @@ async def test_console_statements_read_through_indexes(tmp_path: Path) -> None:
            # teams: a row per team; budget_totals: a row per user and period of one team, not per job
            for statement, plan in found.items() if "FROM teams" not in statement and "FROM budget_totals" not in statement}
     assert {statement: lines for statement, lines in bad.items() if lines} == {}
+    # a listing of a kind a period holds few of reads that kind's own index, not the period's every row
+    [adjustments] = [plan for statement, plan in found.items() if "kind = 'adjust'" in statement]
+    assert any("USING INDEX ledger_adjust " in line for line in adjustments), adjustments

@@ -27,6 +27,7 @@ from ..errors import FieldError, Forbidden, NotFound, ProxyError, Unauthorized
 from ..money import micros_to_usd
 from ..services import SERVICES, Services
 from ..store import TERMINAL_STATUSES, ConsoleIdentity, ConsoleSession, DaySpend, HandleQuery, JobRow, SpendRow, Team
+from ..store.sqlstore import LEDGER_KINDS
 from ..tabular import write_csv
 from .signin import (
     LOGIN_COOKIE,
@@ -48,7 +49,6 @@ MEDIA_ORIGINS = web.AppKey("console_media_origins", str)
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "media-src 'self' {media}; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 PAGE_SIZE = 50
-LEDGER_KINDS = ("reserve", "settle", "release", "adjust", "topup", "saving")
 STATUSES = ("QUEUED", "PROCESSING", "INDETERMINATE", *TERMINAL_STATUSES)
 CACHE_RESULTS = ("MISS", "HIT", "COALESCED", "BYPASS")
 SORTS = ("name", "used", "remaining", "spent")

@@ -26,6 +26,8 @@ PERIODS = ("month", "week", "day", "total")
 #: is INDETERMINATE, its money held until the sweeper resolves it by policy; a
 #: submit the upstream refused, or that provably never reached it, is REJECTED.
 TERMINAL_STATUSES = ("COMPLETED", "FAILED", "ERROR")
+#: Every kind of ledger entry (the ledger's CHECK constraint).
+LEDGER_KINDS = ("reserve", "settle", "release", "adjust", "topup", "saving")
 #: Budget refusals remembered per team (the console shows the newest).
 REFUSALS_KEPT = 20
 #: Jobs whose upstream outcome the gateway does not know (yet): never resubmitted while so.

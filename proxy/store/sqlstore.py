@@ -23,6 +23,7 @@ from ..ttlcache import TtlCache
 from ..values import Hold
 from ..views import status_body
 from . import (
+    LEDGER_KINDS,
     REFUSALS_KEPT,
     TERMINAL_STATUSES,
     BudgetView,
@@ -302,10 +303,14 @@ class SqlStore:
                      user: str | None = None) -> list[LedgerEntry]:
         sql = f"SELECT {accounts.LEDGER_COLUMNS} FROM ledger WHERE team = ?"
         params: list[Any] = [team]
-        for column, value in (("period_key", period_key), ("kind", kind), ("user_id", user)):
+        for column, value in (("period_key", period_key), ("user_id", user)):
             if value is not None:
                 sql += f" AND {column} = ?"
                 params.append(value)
+        if kind is not None:  # a literal from the fixed list, so the planner can use the partial index of rare kinds
+            if kind not in LEDGER_KINDS:
+                raise ValueError(f"kind must be one of {', '.join(LEDGER_KINDS)}")
+            sql += f" AND kind = '{kind}'"
         if before_id is not None:
             sql += " AND id < ?"
             params.append(before_id)
