@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from ..alerts import Alerts
 from ..budget import budget_headers
 from ..clock import new_request_id
-from ..errors import Conflict, UpstreamRefused, UpstreamUnavailable
+from ..errors import Conflict, StoreUnavailable, UpstreamRefused, UpstreamUnavailable
 from ..metrics import Metrics
 from ..money import micros_to_usd
 from ..store import FingerprintTaken, Store
@@ -68,10 +68,20 @@ class Record(Policy):
         if ctx.job_id is None:
             return
         reason = f"{type(error).__name__}: {error}"[:500]
-        if not _may_have_arrived(ctx, error):
-            await self.store.mark_rejected(ctx.job_id, reason)
+        arrived = _may_have_arrived(ctx, error)
+        try:
+            if arrived:
+                await self.store.mark_indeterminate(ctx.job_id, reason)
+            else:
+                await self.store.mark_rejected(ctx.job_id, reason)
+        except StoreUnavailable as lost:  # the store went away mid-submit: the job stays SUBMITTING, reserved
+            logger.warning("submit of %s failed (%s) and its outcome could not be recorded (%s): it stays reserved "
+                           "until the sweeper resolves it as a submit whose answer was lost", ctx.handle, reason,
+                           lost.message, extra={"event": "submit.unrecorded", "handle": ctx.handle,
+                                                "model": ctx.model.id, "team": ctx.caller.team.name})
             return
-        await self.store.mark_indeterminate(ctx.job_id, reason)
+        if not arrived:
+            return
         self.metrics.child(self.metrics.indeterminate_submits, ctx.model.id).inc()
         held = ctx.estimate.amount_micros
         logger.warning("submit of %s may have reached the upstream, its answer was lost (%s): $%s stays reserved "
