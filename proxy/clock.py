@@ -16,9 +16,9 @@ class Clock:
 
 
 def iso_utc(moment: datetime | None = None) -> str:
-    """``2026-03-31T10:00:00.000Z``: the upstream's timestamp form."""
-    moment = moment or datetime.now(UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """``2026-03-31T10:00:00.000Z``: the upstream's timestamp form (isoformat is C; strftime cost ~4x as much)."""
+    moment = datetime.now(UTC) if moment is None else moment.astimezone(UTC)
+    return moment.isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 def uuid7() -> uuid.UUID:

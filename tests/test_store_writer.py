@@ -234,3 +234,22 @@ async def test_a_wal_grown_behind_a_long_read_is_given_back_once_the_store_is_id
         assert grown > 100_000
     finally:
         await store.close()
+
+
+async def test_a_write_alone_in_its_batch_commits_or_keeps_nothing_without_a_savepoint(
+        tmp_path: Path, writer: GroupCommitWriter) -> None:
+    statements: list[str] = []
+
+    def half_then_fail(db: sqlite3.Connection) -> None:
+        db.set_trace_callback(statements.append)
+        db.execute("INSERT INTO t (n) VALUES (500)")
+        raise ValueError("refused after writing")
+
+    with pytest.raises(ValueError, match="refused after writing"):
+        await writer.submit(half_then_fail)
+    assert await writer.submit(insert(7)) == 7
+    commits = writer.commits
+
+    assert rows(tmp_path / "w.db") == [7]  # the lone failure rolled back whole, the next write committed
+    assert commits == 1 and not [s for s in statements if s.startswith(("SAVEPOINT", "RELEASE"))]
+    assert statements[-1] == "COMMIT"  # the traced connection saw the rollback, then 7's insert and commit

@@ -3,7 +3,8 @@
 Every write is a function ``fn(db)`` that must be atomic on its own. Callers
 on the event loop hand them over without blocking; the writer thread takes
 whatever has queued up (at most :data:`MAX_BATCH`), runs each inside a
-``SAVEPOINT`` of one ``BEGIN IMMEDIATE`` transaction, commits once, and only
+``SAVEPOINT`` of one ``BEGIN IMMEDIATE`` transaction (a write alone in its batch
+needs none: its failure rolls back the transaction), commits once, and only
 then answers every caller, with a single wake-up of the event loop::
 
     BEGIN IMMEDIATE
@@ -182,6 +183,8 @@ class GroupCommitWriter:
             busy = StoreUnavailable("The gateway's store is busy (another process holds its write lock); "
                                     "nothing was recorded or reserved. Retry shortly.")
             return [(future, None, busy) for _, future, _ in batch]
+        if len(batch) == 1:  # alone in its transaction: no savepoint to keep it apart from others
+            return self._commit_one(db, batch[0])
         outcomes: list[_Outcome] = []
         for fn, future, _ in batch:
             db.execute("SAVEPOINT w")
@@ -208,6 +211,26 @@ class GroupCommitWriter:
             return [(future, None, error) for future, _, _ in outcomes]
         self.commits += 1
         return outcomes
+
+
+    def _commit_one(self, db: sqlite3.Connection, work: _Work) -> list[_Outcome]:
+        """One write in a transaction of its own (BEGIN IMMEDIATE already run): committed, or rolled back whole."""
+        fn, future, _ = work
+        try:
+            result = fn(db)
+        except BaseException as error:  # noqa: BLE001 - handed to this function's caller
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            return [(future, None, error)]
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as error:
+            logger.error("a commit of 1 write failed: %s", error)
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            return [(future, None, error)]
+        self.commits += 1
+        return [(future, result, None)]
 
 
 def _unavailable(cause: BaseException) -> StoreUnavailable:

@@ -40,7 +40,7 @@ def thread_cpu(pid: int) -> dict[str, float]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        name = "event loop" if tid == str(pid) else name
+        name = "event loop" if tid == str(pid) else name  # Python names no OS thread: the rest are "python"
         found[name] = found.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
     return found
 
@@ -98,7 +98,8 @@ def main() -> None:
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             drain(db, keep)
-            recorder = subprocess.Popen(["py-spy", "record", "--pid", str(gateway.process.pid), "--rate", "250",
+            spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))  # pip install py-spy
+            recorder = subprocess.Popen([spy, "record", "--pid", str(gateway.process.pid), "--rate", "250",
                                          "--duration", str(args.seconds + 2), "--format", "raw",
                                          "--output", str(args.profile / "gateway-16.txt"), "--threads"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
