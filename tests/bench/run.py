@@ -61,10 +61,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], port: int) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], port: int, cwd: Path = ROOT) -> None:
         self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(args, env={**os.environ, **env}, cwd=ROOT,
+        self.process = subprocess.Popen(args, env={**os.environ, **env}, cwd=cwd,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while True:

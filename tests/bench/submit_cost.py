@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--profile", type=Path, help="also record the gateway with py-spy at 16 connections")
     parser.add_argument("--out", type=Path, help="write the tables here too (markdown)")
+    parser.add_argument("--baseline", type=Path, help="a checkout of another version (git worktree add DIR REV): its "
+                                                      "gateway runs too, interleaved with this one, on a store of its own")
     args = parser.parse_args()
     assert shutil.which("wrk"), "wrk is needed: apt-get install wrk"
     work = Path(tempfile.mkdtemp(prefix="pixazo-submit-cost-"))
@@ -66,27 +68,45 @@ def main() -> None:
                                  "--upstream", simulator.url, "--db", str(work / "durable.db"), "--loop", args.loop],
                      {}, durable_port)
     gateway = start_gateway(db, simulator.url, args.loop)
+    baseline = None
+    stores = {"gateway": db}
+    if args.baseline:
+        stores["baseline"] = work / "baseline.db"
+        cli("teams", "create", "bench", "--budget", "1000000000", db=stores["baseline"])
+        port = free_port()
+        baseline = Server("baseline", [sys.executable, "-m", "proxy.cli", "serve"], {
+            "PIXAZO_API_KEY": KEY, "PROXY_JWT_SECRET": SECRET, "PROXY_DB": str(stores["baseline"]),
+            "PIXAZO_UPSTREAM_URL": simulator.url, "PROXY_POLICIES": str(args.baseline / "policies"),
+            "PROXY_PORT": str(port), "PROXY_EVENT_LOOP": args.loop, "PYTHONPATH": str(args.baseline)}, port,
+            cwd=args.baseline)
     try:
-        keep = post(gateway.url + SUBMIT, {"prompt": "warm-up"}, {"Ocp-Apim-Subscription-Key": token})["request_id"]
+        keeps = {name: post(server.url + SUBMIT, {"prompt": "warm-up"}, {"Ocp-Apim-Subscription-Key": token})["request_id"]
+                 for name, server in (("gateway", gateway), ("baseline", baseline)) if server is not None}
+        keep = keeps["gateway"]
         servers = {"durable": (durable, KEY), "gateway": (gateway, token)}
+        if baseline is not None:
+            servers["baseline"] = (baseline, token)
         rows, cpu_rows = [], []
         for connections in CONNECTIONS:
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
             cpu: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
             for _ in range(args.repeat):
                 for name, (server, key) in servers.items():
-                    drain(db, keep)  # the gateway's settlements of the last cell are not charged to this one
+                    for other, store in stores.items():  # settlements of the last cell are not charged to this one
+                        drain(store, keeps[other])
                     before = thread_cpu(server.process.pid)
                     found = wrk(server.url, SUBMIT, key, "POST", connections, args.seconds)
                     after = thread_cpu(server.process.pid)
                     runs[name].append(found)
                     done = max(1.0, found["rps"] * args.seconds)
                     cpu[name].append({thread: 1e6 * (after[thread] - before.get(thread, 0.0)) / done for thread in after})
-            d, g = median(runs["durable"]), median(runs["gateway"])
-            rows.append([str(connections), f"{d['rps']:.0f}", f"{g['rps']:.0f}", f"{g['rps'] / d['rps']:.2f}",
-                         f"{d['p50']:.2f} / {d['p99']:.2f}", f"{g['p50']:.2f} / {g['p99']:.2f}",
-                         f"{g['p50'] - d['p50']:+.2f}", str(int(d["errors"] + g["errors"]))])
-            print(rows[-1], flush=True)
+            d = median(runs["durable"])
+            for name in (n for n in servers if n != "durable"):
+                g = median(runs[name])
+                rows.append([str(connections), name, f"{d['rps']:.0f}", f"{g['rps']:.0f}", f"{g['rps'] / d['rps']:.2f}",
+                             f"{d['p50']:.2f} / {d['p99']:.2f}", f"{g['p50']:.2f} / {g['p99']:.2f}",
+                             f"{g['p50'] - d['p50']:+.2f}", str(int(d["errors"] + g["errors"]))])
+                print(rows[-1], flush=True)
             for name in servers:
                 threads = sorted({t for sample in cpu[name] for t in sample})
                 per = {t: sorted(sample.get(t, 0.0) for sample in cpu[name])[len(cpu[name]) // 2] for t in threads}
@@ -108,12 +128,13 @@ def main() -> None:
             recorder.wait(timeout=60)
             print(f"py-spy samples: {args.profile / 'gateway-16.txt'}")
     finally:
-        for server in (gateway, durable, simulator):
-            server.stop()
+        for server in (gateway, baseline, durable, simulator):
+            if server is not None:
+                server.stop()
     text = "\n".join([
         f"Submits, SQLite synchronous=FULL, event loop {args.loop}, wrk -t1, {args.seconds} s per cell, median of "
         f"{args.repeat} interleaved rounds.", "",
-        table(rows, ["conns", "durable req/s", "gateway req/s", "gateway / durable", "durable ms (p50 / p99)",
+        table(rows, ["conns", "version", "durable req/s", "gateway req/s", "gateway / durable", "durable ms (p50 / p99)",
                      "gateway ms (p50 / p99)", "gateway p50 over durable, ms", "non-2xx"]), "",
         "CPU per accepted submit, microseconds (medians), in all and on the three busiest threads:", "",
         table(cpu_rows, ["conns", "server", "CPU µs per submit", "busiest threads (µs)"]), ""])
