@@ -143,6 +143,19 @@ def start_gateway(db: Path, upstream: str, loop: str = "asyncio") -> Server:
     return Server("gateway", [sys.executable, "-m", "proxy.cli", "serve"], env, port)
 
 
+def bench_server(kind: str, loop: str, *args: str) -> Server:
+    """One of ``tests.bench.servers`` (simulator, passthrough, durable) on a free port."""
+    port = free_port()
+    return Server(kind, [sys.executable, "-m", "tests.bench.servers", kind, "--port", str(port), *args, "--loop", loop],
+                  {}, port)
+
+
+def bench_team(db: Path) -> str:
+    """Team ``bench`` with a budget no run reaches, in ``db``; a day's token for it."""
+    cli("teams", "create", "bench", "--budget", "1000000000", db=db)
+    return jwt.encode({"sub": "bench", "team": "bench", "exp": int(time.time()) + 86400}, SECRET, algorithm="HS256")
+
+
 def fill(db: Path, rows: int) -> None:
     """``rows`` finished jobs, handles and ledger rows of team bench in October, with matching totals."""
     with sqlite3.connect(db) as connection:
@@ -198,19 +211,10 @@ def main() -> None:
     assert shutil.which("wrk"), "wrk is needed: apt-get install wrk"
     work = Path(tempfile.mkdtemp(prefix="pixazo-bench-"))
     db = work / "bench.db"
-    cli("teams", "create", "bench", "--budget", "1000000000", db=db)
-    token = jwt.encode({"sub": "bench", "team": "bench", "exp": int(time.time()) + 86400}, SECRET, algorithm="HS256")
-    sim_port = free_port()
-    simulator = Server("simulator", [sys.executable, "-m", "tests.bench.servers", "simulator", "--port", str(sim_port),
-                                     "--key", KEY, "--loop", args.loop], {}, sim_port)
-    pt_port = free_port()
-    passthrough = Server("passthrough", [sys.executable, "-m", "tests.bench.servers", "passthrough", "--port",
-                                         str(pt_port), "--upstream", simulator.url, "--loop", args.loop], {},
-                         pt_port)
-    durable_port = free_port()
-    durable = Server("durable", [sys.executable, "-m", "tests.bench.servers", "durable", "--port", str(durable_port),
-                                 "--upstream", simulator.url, "--db", str(work / "durable.db"), "--loop", args.loop],
-                     {}, durable_port)
+    token = bench_team(db)
+    simulator = bench_server("simulator", args.loop, "--key", KEY)
+    passthrough = bench_server("passthrough", args.loop, "--upstream", simulator.url)
+    durable = bench_server("durable", args.loop, "--upstream", simulator.url, "--db", str(work / "durable.db"))
     gateway = start_gateway(db, simulator.url, args.loop)
     lines: list[str] = [f"Machine: {os.cpu_count()} cores; wrk -t1, {args.seconds} s per cell, median of {args.repeat} "
                         f"interleaved rounds; event loop: {args.loop} "

@@ -22,9 +22,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import jwt
-
-from tests.bench.run import KEY, SECRET, SUBMIT, Server, cli, drain, free_port, median, post, start_gateway, table, wrk
+from tests.bench.run import (
+    KEY,
+    SECRET,
+    SUBMIT,
+    Server,
+    bench_server,
+    bench_team,
+    drain,
+    free_port,
+    median,
+    post,
+    start_gateway,
+    table,
+    wrk,
+)
 
 CONNECTIONS = (1, 16, 64)
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -58,21 +70,15 @@ def main() -> None:
     assert shutil.which("wrk"), "wrk is needed: apt-get install wrk"
     work = Path(tempfile.mkdtemp(prefix="pixazo-submit-cost-"))
     db = work / "bench.db"
-    cli("teams", "create", "bench", "--budget", "1000000000", db=db)
-    token = jwt.encode({"sub": "bench", "team": "bench", "exp": int(time.time()) + 86400}, SECRET, algorithm="HS256")
-    sim_port = free_port()
-    simulator = Server("simulator", [sys.executable, "-m", "tests.bench.servers", "simulator", "--port", str(sim_port),
-                                     "--key", KEY, "--loop", args.loop], {}, sim_port)
-    durable_port = free_port()
-    durable = Server("durable", [sys.executable, "-m", "tests.bench.servers", "durable", "--port", str(durable_port),
-                                 "--upstream", simulator.url, "--db", str(work / "durable.db"), "--loop", args.loop],
-                     {}, durable_port)
+    token = bench_team(db)
+    simulator = bench_server("simulator", args.loop, "--key", KEY)
+    durable = bench_server("durable", args.loop, "--upstream", simulator.url, "--db", str(work / "durable.db"))
     gateway = start_gateway(db, simulator.url, args.loop)
     baseline = None
     stores = {"gateway": db}
     if args.baseline:
         stores["baseline"] = work / "baseline.db"
-        cli("teams", "create", "bench", "--budget", "1000000000", db=stores["baseline"])
+        bench_team(stores["baseline"])
         port = free_port()
         baseline = Server("baseline", [sys.executable, "-m", "proxy.cli", "serve"], {
             "PIXAZO_API_KEY": KEY, "PROXY_JWT_SECRET": SECRET, "PROXY_DB": str(stores["baseline"]),
