@@ -102,8 +102,12 @@ def reserve(*, team: Team, user: str, hold: Hold, job_id: int, handle: str, mode
     """Hold ``hold``'s estimate against every cap, or raise (the caller's transaction then rolls back)."""
     yield from _check_concurrency(team)
     estimate = hold.estimate
+    after: tuple[int, int, int, bool] | None = None  # the team scope's totals as this reservation left them
     for scope, key, limit, who in _caps(team, user, hold):
-        if not (yield from _add_reserved(scope, key, estimate.amount_micros, limit)):
+        left = yield from _add_reserved(scope, key, estimate.amount_micros, limit)
+        if left is not None and who == "team":
+            after = left
+        if left is None:
             assert limit is not None  # only a limit refuses
             spent, reserved, credit, _ = yield from totals(scope, key)
             allowance = limit + credit
@@ -119,13 +123,15 @@ def reserve(*, team: Team, user: str, hold: Hold, job_id: int, handle: str, mode
                              model=model, seconds=estimate.seconds, resolution=estimate.resolution,
                              period_key=hold.period_key, global_period_key=hold.global_period_key,
                              reserved_delta=estimate.amount_micros, basis=estimate.basis)
-    spent, reserved, credit, alerted = yield from totals(team_scope(team.name), hold.period_key)
+    assert after is not None  # the team scope is always the first cap, and it was reserved
+    spent, reserved, credit, alerted = after
     view = BudgetView(team.name, hold.period_key, team.budget_limit_micros, credit, spent, reserved)
     return view, (yield from _soft_alert(team, hold.period_key, spent + reserved, credit, alerted))
 
 
-def _add_reserved(scope: str, key: str, amount: int, limit: int | None) -> Tx[bool]:
-    """Add ``amount`` to the scope's reserved total if spent + reserved stays within ``limit`` (None: no limit).
+def _add_reserved(scope: str, key: str, amount: int, limit: int | None) -> Tx[tuple[int, int, int, bool] | None]:
+    """Add ``amount`` to the scope's reserved total if spent + reserved stays within ``limit`` (None: no limit);
+    the scope's (spent, reserved, credit, soft_alerted) as the update left them, or None if it was refused.
 
     The conditional update comes first; only when it changes nothing is the period's row created (its first
     use) and the update tried once more, so the common case is one statement instead of two. (Refusing when this
@@ -138,12 +144,14 @@ def _add_reserved(scope: str, key: str, amount: int, limit: int | None) -> Tx[bo
     if limit is not None:
         sql += " AND spent_micros + reserved_micros + ? <= ? + credit_micros"
         params += (amount, limit)
-    if (yield from changed(sql, *params)) == 1:
-        return True
-    # Created here, or by a concurrent first use on another connection (this insert then waited for it): either
-    # way the row exists now, and the condition decides.
-    yield Sql("INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (scope, key))
-    return (yield from changed(sql, *params)) == 1
+    sql += " RETURNING spent_micros, reserved_micros, credit_micros, soft_alerted"  # no read of them afterwards
+    row = yield from one(sql, *params)
+    if row is None:
+        # Created here, or by a concurrent first use on another connection (this insert then waited for it):
+        # either way the row exists now, and the condition decides.
+        yield Sql("INSERT INTO budget_totals (scope, period_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (scope, key))
+        row = yield from one(sql, *params)
+    return None if row is None else (row[0], row[1], row[2], bool(row[3]))
 
 
 def _soft_alert(team: Team, period_key: str, used: int, credit: int, alerted: bool) -> Tx[SoftAlert | None]:
