@@ -4,7 +4,9 @@ and forms that change money through the same code paths as the admin API."""
 from __future__ import annotations
 
 import csv
+import html
 import io
+import json
 import os
 import re
 import subprocess
@@ -338,3 +340,15 @@ async def test_a_csv_longer_than_one_batch_is_streamed_whole(gateway: Gateway) -
     assert [row["note"] for row in rows[:2]] == ["top-up 1002", "top-up 1001"] and rows[-1]["note"] == "top-up 0"
     assert sum(Decimal(row["credit_delta_usd"]) for row in rows) == Decimal(sum(1_000 + n for n in range(1003))) / 10**6
     assert [row["credit_delta_usd"] for row in rows[-2:]] == ["0.001001", "0.001"]
+
+
+async def test_a_total_budget_charts_from_its_first_day_of_spend(start_gateway) -> None:
+    gateway = await start_gateway(teams={"design": {"budget_limit_micros": 50_000_000, "period": "total"}})
+    await _finished(gateway, "spent once, forever")
+    async with ConsoleClient(gateway) as admin:
+        await admin.sign_in()
+        page = await admin.get("/console/teams/design")
+    [chart] = re.findall(r"data-chart='([^']*)'", page.text)  # one period, so one chart
+    figures = json.loads(html.unescape(chart))
+    assert figures["period"] == "total" and len(figures["days"]) == 1  # today, not every day since 2000
+    assert figures["series"] == [{"label": "text-to-video", "micros": [PRICE]}]

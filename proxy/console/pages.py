@@ -304,8 +304,7 @@ def _periods(team: Team, now: datetime) -> tuple[tuple[str, date, date], tuple[s
 def _chart(lines: list[DaySpend], period: str, first: date, last: date) -> dict[str, Any]:
     """Spend per day of one period, a series per model (micro-dollars as USD numbers for the chart only)."""
     mine = [line for line in lines if line.period_key == period]
-    days = [(first + timedelta(days=n)) for n in range((last - first).days + 1)] if mine or last - first < timedelta(
-        days=400) else []
+    days = [(first + timedelta(days=n)) for n in range((last - first).days + 1)]
     models = sorted({line.model for line in mine})
     index = {day.strftime(_DAY): n for n, day in enumerate(days)}
     series = {model: [0] * len(days) for model in models}
@@ -331,6 +330,8 @@ async def _team_view(request: web.Request, visit: Visit, team: Team, *, errors: 
     (key, first, last), previous = _periods(team, now)
     since = previous[1] if previous else first
     lines = await services.store.daily_spend(team.name, since.strftime(_DAY), last.strftime(_DAY))
+    if previous is None:  # a total budget: its chart starts on its first day of spend, not at the range's start
+        first = min((date.fromisoformat(line.day) for line in lines), default=last)
     charts = [_chart(lines, key, first, last)] + ([_chart(lines, *previous)] if previous else [])
     [report] = await services.store.spend_report({team.name: key})
     ledger_filter = _ledger_filter(request, team, key)
