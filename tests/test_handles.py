@@ -8,9 +8,13 @@ from proxy.simulator import Simulator
 from tests.conftest import Gateway, auth, wait_for_status
 
 
-async def test_another_teams_handle_is_404_like_an_unknown_one(gateway: Gateway, simulator: Simulator) -> None:
+async def test_another_teams_handle_is_404_like_an_unknown_one(start_gateway, simulator: Simulator) -> None:
+    # A long refresh interval keeps the tracker from polling during the test (it would be counted as a call);
+    # the job is then made due by hand, so a 404 that refreshed before checking the team would be seen.
+    gateway: Gateway = await start_gateway(status_refresh_seconds=60.0)
     _, submitted, _ = await gateway.submit(headers=auth(team="design"))
     handle = submitted["request_id"]
+    gateway.execute("UPDATE jobs SET checked_at = 0")
     calls_before = len(simulator.calls_of("status"))
 
     other_team = await gateway.status(handle, auth(team="research"))
@@ -22,6 +26,8 @@ async def test_another_teams_handle_is_404_like_an_unknown_one(gateway: Gateway,
     assert unknown == expected
     assert too_long == expected
     assert len(simulator.calls_of("status")) == calls_before
+    owner = await gateway.status(handle, auth(team="design"))  # the job was due: its owner's poll does refresh it
+    assert owner[0] == 200 and len(simulator.calls_of("status")) == calls_before + 1
 
 
 async def test_a_colleague_in_the_same_team_and_an_admin_can_read_it(gateway: Gateway) -> None:
