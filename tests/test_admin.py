@@ -14,7 +14,8 @@ from proxy.simulator import Simulator
 from proxy.store import SettingProblem
 from tests.conftest import POLICIES, ROOT, Gateway, auth, make_token, until, wait_for_status
 
-ADMIN = {"Authorization": f"Bearer {make_token(team='research', user='root', role='admin')}"}
+# made once, at import: valid for the whole run (the suite takes longer than a default token's 10 minutes)
+ADMIN = {"Authorization": f"Bearer {make_token(team='research', user='root', role='admin', ttl=86400)}"}
 
 
 async def call(gateway: Gateway, method: str, path: str, body: Any = None,

@@ -21,7 +21,8 @@ delivery: poll_seconds = 0.05
 delivery: retry_schedule_seconds = [0.05, 0.1, 0.1]
 delivery: timeout_seconds = 2
 """
-ADMIN = {"Authorization": f"Bearer {make_token(team='research', user='root', role='admin')}"}
+# made once, at import: valid for the whole run (the suite takes longer than a default token's 10 minutes)
+ADMIN = {"Authorization": f"Bearer {make_token(team='research', user='root', role='admin', ttl=86400)}"}
 
 
 @pytest.fixture
