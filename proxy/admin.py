@@ -42,7 +42,7 @@ MAX_PAGE = 1000
 
 # request field -> (store setting, parser)
 _MONEY_FIELDS = {"budget_usd": "budget_limit_micros", "user_cap_usd": "user_cap_micros"}
-_COUNT_FIELDS = {"soft_threshold_percent", "max_concurrent_jobs", "max_submits_per_minute"}
+_COUNT_FIELDS = {"soft_threshold_percent", "max_concurrent_jobs", "max_submits_per_minute", "weight"}
 
 
 async def _admin(request: web.Request) -> tuple[Services, Principal]:
@@ -76,7 +76,7 @@ def _amount(name: str, value: Any, *, signed: bool = False) -> int:
 
 
 def _settings(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
-    allowed = set(_MONEY_FIELDS) | _COUNT_FIELDS | {"period"} | ({"name"} if creating else set())
+    allowed = set(_MONEY_FIELDS) | _COUNT_FIELDS | {"period", "on_limit"} | ({"name"} if creating else set())
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise BadRequest("unknown field(s): " + ", ".join(f"'{name}'" for name in unknown))
@@ -140,6 +140,8 @@ async def team_json(services: Services, team: Team) -> dict[str, Any]:
         "user_cap_usd": micros_to_usd(team.user_cap_micros) if team.user_cap_micros is not None else None,
         "max_concurrent_jobs": team.max_concurrent_jobs,
         "max_submits_per_minute": team.max_submits_per_minute,
+        "weight": team.weight,
+        "on_limit": team.on_limit,
         "created_at": team.created_at,
         "updated_at": team.updated_at,
         "current": {

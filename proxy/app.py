@@ -25,6 +25,7 @@ from .catalog import Catalog, load_catalog
 from .clock import Clock
 from .config import Config, Secret
 from .console import add_console
+from .dispatcher import Dispatcher
 from .errors import StoreUnavailable, error_middleware
 from .media import MediaStore
 from .metrics import Metrics, metrics_handler
@@ -42,6 +43,7 @@ from .pipeline.s8_budget import Budget
 from .pipeline.s9_forward import Forward, Record
 from .pricing import Pricer
 from .probe import MediaProber
+from .queueing import load_queue_rules
 from .refresh import StatusRefresher
 from .routes import add_routes
 from .services import SERVICES, Services
@@ -69,6 +71,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     rules = load_budget_rules(config.policies_dir)
     cache_rules = load_cache_rules(config.policies_dir)
     delivery_rules = load_delivery_rules(config.policies_dir)
+    queue_rules = load_queue_rules(config.policies_dir)
     clock = clock or Clock()
     contexts: list[Context] = []
     if config.simulate:
@@ -92,6 +95,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     pricer = Pricer(prober, trust_input_probe=rules.trust_input_probe)
     alerts = Alerts(metrics, config.alert_webhook_url)
     dedup = Dedup(store, cache_rules, clock, metrics, config.base_url, rules.global_period)
+    dispatcher = Dispatcher(store, upstream, catalog, queue_rules, metrics)
     pipeline = Pipeline(
         [
             Authenticate(authenticator),
@@ -102,8 +106,9 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
             dedup,
             Price(pricer),
             Budget(store, rules, clock),
-            Record(store, alerts, metrics, join=dedup.join),
-            Forward(upstream, config.base_url),
+            Record(store, alerts, metrics, join=dedup.join, rules=queue_rules, public_url=config.base_url,
+                   queued=dispatcher.poke),
+            Forward(upstream, config.base_url, store, queue_rules, metrics, queued=dispatcher.poke),
         ]
     )
     media = MediaStore(cache_rules.media_directory, max_bytes=cache_rules.media_max_bytes, public_url=config.base_url,
@@ -156,7 +161,8 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
 
     async def run_background(app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(sweeper.run(), name="sweeper"), asyncio.create_task(tracker.run(), name="tracker"),
-                 asyncio.create_task(sender.run(), name="webhooks")]
+                 asyncio.create_task(sender.run(), name="webhooks"),
+                 asyncio.create_task(dispatcher.run(), name="dispatcher")]
         yield
         for task in tasks:
             task.cancel()

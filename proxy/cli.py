@@ -22,6 +22,7 @@ from .errors import StoreUnavailable
 from .logs import configure_logging
 from .money import micros_to_usd, usd_to_micros
 from .policyfile import PolicyError
+from .queueing import ON_LIMIT
 from .store import PERIODS, SettingProblem, SpendRow, Store, TeamExists, UnknownTeam, check_team_settings, team_name_problem
 from .store.factory import shown, store_at
 from .tabular import write_csv
@@ -89,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--user-cap", help="USD each user of the team may spend per period ('none' to clear)")
         command.add_argument("--max-concurrent", help="jobs running at once ('none' to clear)")
         command.add_argument("--max-per-minute", help="submits per minute ('none' to clear)")
+        command.add_argument("--weight", type=int, help="share of the upstream when teams wait together (1-1000)")
+        command.add_argument("--on-limit", choices=ON_LIMIT,
+                             help="at max-concurrent: wait in the local queue (queue) or answer 429 (refuse)")
     update.set_defaults(run=_teams_update)
     listing = teams.add_parser("list", help="list teams")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -243,7 +247,7 @@ def _whole_number(value: str) -> int:
 #: The flag that sets each team setting, to name it in an error.
 _FLAGS = {"budget_limit_micros": "--budget", "period": "--period", "soft_threshold_percent": "--soft-threshold",
           "user_cap_micros": "--user-cap", "max_concurrent_jobs": "--max-concurrent",
-          "max_submits_per_minute": "--max-per-minute"}
+          "max_submits_per_minute": "--max-per-minute", "weight": "--weight", "on_limit": "--on-limit"}
 
 
 def _limit_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -253,6 +257,8 @@ def _limit_settings(args: argparse.Namespace) -> dict[str, Any]:
         "user_cap_micros": _optional("--user-cap", args.user_cap, usd_to_micros),
         "max_concurrent_jobs": _optional("--max-concurrent", args.max_concurrent, _whole_number),
         "max_submits_per_minute": _optional("--max-per-minute", args.max_per_minute, _whole_number),
+        "weight": args.weight,
+        "on_limit": args.on_limit,
     }
     if args.action == "update":
         parsed["budget_limit_micros"] = _optional("--budget", args.budget, usd_to_micros)
@@ -327,6 +333,7 @@ def _teams_show(args: argparse.Namespace) -> int:
         "soft_threshold_percent": team.soft_threshold_percent,
         "user_cap_usd": micros_to_usd(team.user_cap_micros) if team.user_cap_micros is not None else None,
         "max_concurrent_jobs": team.max_concurrent_jobs, "max_submits_per_minute": team.max_submits_per_minute,
+        "weight": team.weight, "on_limit": team.on_limit,
         "current_period": view.period_key, "spent_usd": micros_to_usd(view.spent_micros),
         "reserved_usd": micros_to_usd(view.reserved_micros), "credit_usd": micros_to_usd(view.credit_micros),
         "remaining_usd": micros_to_usd(view.remaining_micros),
@@ -486,6 +493,7 @@ def _policies_check(args: argparse.Namespace) -> int:
     from .budget import load_budget_rules
     from .cache import load_cache_rules
     from .catalog import load_catalog
+    from .queueing import load_queue_rules
     from .webhooks import load_delivery_rules
 
     directory = _policies_dir(args.dir)
@@ -493,6 +501,7 @@ def _policies_check(args: argparse.Namespace) -> int:
     rules = load_budget_rules(directory)
     load_cache_rules(directory)
     load_delivery_rules(directory)
+    load_queue_rules(directory)
     wallet = f"global cap ${micros_to_usd(rules.global_limit_micros)} per {rules.global_period}" \
         if rules.global_limit_micros is not None else "no global cap"
     print(f"{directory}: ok ({len(catalog.models)} models: {', '.join(catalog.models)}; {wallet})")

@@ -97,6 +97,20 @@ class Metrics:
         self.tracker_lag = Gauge("pixazo_proxy_tracker_lag_seconds",
                                  "How far past its poll interval the most overdue running job was at the last round.",
                                  registry=registry)
+        self.queue_admitted = Counter("pixazo_proxy_queue_admitted_total",
+                                      "Submits that waited in the local queue instead of going upstream at once.",
+                                      ["team"], registry=registry)
+        self.queue_dispatches = Counter("pixazo_proxy_queue_dispatches_total",
+                                        "Waiting jobs the dispatcher sent upstream, by team.", ["team"], registry=registry)
+        self.queue_wait = Histogram("pixazo_proxy_queue_wait_seconds", "Time a job waited in the local queue, by team.",
+                                    ["team"], registry=registry,
+                                    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
+        self.queue_ended = Counter("pixazo_proxy_queue_ended_total",
+                                   "Waiting jobs that ended without being sent (cancelled, expired, refused), by team "
+                                   "and reason.", ["team", "reason"], registry=registry)
+        self.upstream_throttled = Counter("pixazo_proxy_upstream_throttled_total",
+                                          "Upstream 429s at submit the gateway absorbed (the job waited and was sent "
+                                          "again; no client saw the 429).", registry=registry)
         self.store_collector: StoreCollector | None = None
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
@@ -149,6 +163,9 @@ STORE_METRICS: dict[str, tuple[str, str]] = {
     "pixazo_proxy_jobs_in_flight": ("gauge", "Jobs not yet terminal, by model and status."),
     "pixazo_proxy_jobs_finished": ("counter", "Jobs that reached a terminal status, by model and status."),
     "pixazo_proxy_webhook_outbox_depth": ("gauge", "Webhook deliveries waiting in the outbox."),
+    "pixazo_proxy_queue_depth": ("gauge", "Jobs waiting in the gateway's local queue, by team."),
+    "pixazo_proxy_queue_oldest_wait_seconds": ("gauge", "How long the oldest waiting job of each team has waited."),
+    "pixazo_proxy_upstream_slots_in_use": ("gauge", "Upstream slots held: jobs sent and not ended, all processes."),
 }
 
 

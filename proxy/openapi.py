@@ -13,6 +13,7 @@ from . import __version__
 from .admin import MAX_PAGE
 from .budget import PERIOD_KEY
 from .catalog import Catalog
+from .queueing import MAX_WEIGHT, ON_LIMIT
 from .store import PERIODS
 from .store import TEAM_NAME as TEAM_NAME_RE
 from .upstream import UPSTREAM_STATUSES
@@ -128,6 +129,8 @@ TEAM_SETTINGS = {
     "user_cap_usd": {"type": ["string", "null"], "pattern": r"^\d{1,12}(\.\d{1,6})?$"},
     "max_concurrent_jobs": {"type": ["integer", "null"], "minimum": 1},
     "max_submits_per_minute": {"type": ["integer", "null"], "minimum": 1},
+    "weight": {"type": "integer", "minimum": 1, "maximum": MAX_WEIGHT},
+    "on_limit": {"type": "string", "enum": list(ON_LIMIT)},
 }
 def _money_entry(amount_pattern: str) -> dict[str, Any]:
     return {"type": "object", "additionalProperties": False, "required": ["amount_usd", "reason"],
@@ -148,6 +151,12 @@ def build_openapi(catalog: Catalog, *, media: bool = False) -> dict[str, Any]:
         "operationId": "status", "summary": "Status of one of your handles", "tags": ["generate"],
         "parameters": [{"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}],
         "responses": {"200": _json({"$ref": "#/components/schemas/Status"}, "The status"), **_errors(401, 403, 404)},
+    }, "delete": {
+        "operationId": "cancel", "tags": ["generate"],
+        "summary": "Cancel a job still waiting in the gateway's queue (its reservation is released at once)",
+        "parameters": [{"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": _json({"$ref": "#/components/schemas/Status"}, "The status it ended with (ERROR)"),
+                      **_errors(401, 403, 404, 409)},
     }}
     public: dict[str, Any] = {"security": []}
     paths["/healthz"] = {"get": {"operationId": "healthz", "tags": ["operations"], **public,
@@ -239,6 +248,7 @@ SCHEMAS: dict[str, Any] = {
         "name": {"type": "string"}, "budget_usd": MONEY, "period": {"type": "string"},
         "soft_threshold_percent": {"type": "integer"}, "user_cap_usd": {"oneOf": [MONEY, {"type": "null"}]},
         "max_concurrent_jobs": {"type": ["integer", "null"]}, "max_submits_per_minute": {"type": ["integer", "null"]},
+        "weight": {"type": "integer"}, "on_limit": {"type": "string"},
         "created_at": {"type": "string"}, "updated_at": {"type": ["string", "null"]}, "current": {"type": "object"}}},
     "Spend": {"type": "object", "required": ["team", "period", "spent_usd", "reserved_usd", "remaining_usd"],
               "properties": {"team": {"type": "string"}, "period": {"type": "string"}, "limit_usd": MONEY,

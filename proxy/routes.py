@@ -11,6 +11,7 @@ from .errors import ModelNotFound, NotFound
 from .metrics import metrics_handler
 from .observe import HANDLE, MODEL, TEAM, USER
 from .pipeline import SubmitContext
+from .queueing import WAITING
 from .services import SERVICES, Services
 from .values import ModelSpec
 from .views import status_body
@@ -18,6 +19,8 @@ from .views import status_body
 logger = logging.getLogger(__name__)
 
 MAX_HANDLE_LENGTH = 200
+QUEUE_POSITION_HEADER = "X-Proxy-Queue-Position"
+QUEUE_WAIT_HEADER = "X-Proxy-Queue-Wait-Seconds"
 
 
 def submit_handler(model: ModelSpec) -> Any:
@@ -48,6 +51,8 @@ async def request_status(request: web.Request) -> web.StreamResponse:
             raise NotFound("Request not found")
         request[HANDLE], request[MODEL] = view.handle, view.model
         view = await services.refresher.current(view)
+        if view.status == WAITING:
+            return web.json_response(status_body(view), headers=await _queue_headers(services, view.job_id))
         if not view.terminal:
             return web.json_response(status_body(view))
         answer = services.terminal_answers.remember(view)
@@ -55,6 +60,35 @@ async def request_status(request: web.Request) -> web.StreamResponse:
         raise NotFound("Request not found")
     request[HANDLE], request[MODEL] = handle, answer.model
     return web.Response(body=answer.body, content_type="application/json", charset="utf-8")
+
+
+async def _queue_headers(services: Services, job_id: int) -> dict[str, str]:
+    """Where a locally queued job stands: its place in its team's queue and how long it has waited."""
+    place = await services.store.queue_place(job_id)
+    if place is None:  # it was sent between the two reads
+        return {}
+    return {QUEUE_POSITION_HEADER: str(place.position), QUEUE_WAIT_HEADER: f"{place.waited_seconds:.1f}"}
+
+
+async def cancel_request(request: web.Request) -> web.StreamResponse:
+    """``DELETE /v2/requests/status/{request_id}``: cancel a job still waiting in the local queue (its owner's
+    team, or an admin); its reservation is released at once. One the upstream has is 409."""
+    services: Services = request.app[SERVICES]
+    principal = await services.authenticator.authenticate(request.headers)
+    request[TEAM], request[USER] = principal.team, principal.user
+    handle = request.match_info["request_id"]
+    view = await services.store.get_handle(handle) if len(handle) <= MAX_HANDLE_LENGTH else None
+    if view is None or (view.team != principal.team and not principal.admin):
+        raise NotFound("Request not found")
+    request[HANDLE], request[MODEL] = view.handle, view.model
+    who = f"admin '{principal.user}'" if principal.admin and view.team != principal.team else f"'{principal.user}'"
+    await services.store.cancel_waiting(handle, who)
+    logger.info("queued %s cancelled by %s", handle, principal.user,
+                extra={"event": "queue.cancelled", "handle": handle, "team": view.team})
+    services.metrics.child(services.metrics.queue_ended, view.team, "cancelled").inc()
+    ended = await services.store.get_handle(handle)
+    assert ended is not None
+    return web.json_response(status_body(ended))
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -73,6 +107,7 @@ def add_routes(app: web.Application, services: Services) -> None:
         app.router.add_post(model.path, submit_handler(model))
     app.router.add_post("/{model_id}/v1/{tail:.*}", unknown_model)
     app.router.add_get("/v2/requests/status/{request_id}", request_status)
+    app.router.add_delete("/v2/requests/status/{request_id}", cancel_request)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler(services.metrics))

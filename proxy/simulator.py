@@ -69,6 +69,7 @@ class SimulatorSettings:
     allow_http_webhooks: bool = False
     webhook_timeout: float = 5.0
     media_available: bool = True  # False: output links answer 404, as expired ones do
+    max_in_flight: int | None = None  # the account's jobs running at once; one more submit is 429 (Retry-After: 1)
 
 
 @dataclass
@@ -134,6 +135,8 @@ class Simulator:
         self.webhook_deliveries: list[dict[str, Any]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        self.most_in_flight = 0  # the most jobs running at once, seen at each accepted submit
+        self.over_capacity = 0  # submits refused with 429 because max_in_flight jobs were running
 
     # knobs
 
@@ -159,7 +162,13 @@ class Simulator:
         """From now on the upstream answers 404 for this job, as if it lost it."""
         self.jobs[job_id].forgotten = True
 
+    def in_flight(self) -> int:
+        """Jobs accepted and not yet ended, now."""
+        now = time.monotonic()
+        return sum(1 for job in self.jobs.values() if self.status_of(job, now)[0] not in TERMINAL)
+
     def reset(self) -> None:
+        self.most_in_flight = self.over_capacity = 0
         self.jobs.clear()
         self.calls.clear()
         self.outcomes.clear()
@@ -216,6 +225,7 @@ class Simulator:
         app.router.add_get("/v2/requests/status/{request_id}", self._status)
         app.router.add_get("/media/{request_id}/output.mp4", self._media)
         app.router.add_get("/_simulator/calls", self._control_calls)
+        app.router.add_get("/_simulator/stats", self._control_stats)
         app.router.add_post("/_simulator/faults", self._control_fault)
         app.router.add_post("/_simulator/outcomes", self._control_outcomes)
         app.router.add_post("/_simulator/settings", self._control_settings)
@@ -299,6 +309,12 @@ class Simulator:
                 webhook_url, webhook_mode = self._webhook_headers(request)
             except ProxyError as exc:
                 return error_response(exc)
+            running = self.in_flight()
+            if self.settings.max_in_flight is not None and running >= self.settings.max_in_flight:
+                self.over_capacity += 1
+                return _error(429, "Too Many Requests", f"{running} jobs are running, the account's limit",
+                              headers={"Retry-After": "1"})
+            self.most_in_flight = max(self.most_in_flight, running + 1)
             job = SimJob(
                 id=new_request_id(model.id),
                 model=model.id,
@@ -403,6 +419,11 @@ class Simulator:
         await self._control(request)
         return web.json_response([asdict(call) for call in self.calls])
 
+    async def _control_stats(self, request: web.Request) -> web.StreamResponse:
+        await self._control(request)
+        return web.json_response({"in_flight": self.in_flight(), "most_in_flight": self.most_in_flight,
+                                  "over_capacity": self.over_capacity, "submits": len(self.calls_of("submit"))})
+
     async def _control_fault(self, request: web.Request) -> web.StreamResponse:
         body = await self._control(request)
         try:
@@ -424,6 +445,8 @@ class Simulator:
         for name in ("queued_seconds", "processing_seconds", "edit_video_seconds"):
             if name in body:
                 setattr(self.settings, name, type(getattr(self.settings, name))(body[name]))
+        if "max_in_flight" in body:
+            self.settings.max_in_flight = None if body["max_in_flight"] is None else int(body["max_in_flight"])
         return web.json_response({name: value for name, value in asdict(self.settings).items() if name != "key"})
 
     async def _control_finish(self, request: web.Request) -> web.StreamResponse:

@@ -28,6 +28,7 @@ from .clock import Clock, iso_utc
 from .errors import StoreUnavailable
 from .metrics import Metrics
 from .money import micros_to_usd
+from .queueing import WAITING
 from .refresh import StatusRefresher
 from .store import TERMINAL_STATUSES, UNKNOWN_OUTCOME, Decision, JobUpdate, Reservation, Store
 
@@ -79,6 +80,8 @@ class Sweeper:
         await self.store.purge_idempotency(iso_utc(now))
         resolved = 0
         for reservation in await self.store.open_reservations(created_before=cutoff):
+            if reservation.job_status == WAITING or reservation.since >= cutoff:
+                continue  # waiting in the local queue (its own deadline ends it), or sent from it only lately
             if reservation.job_status in UNKNOWN_OUTCOME:
                 resolved += await self._resolve_indeterminate(reservation)
                 continue
@@ -87,7 +90,7 @@ class Sweeper:
                 status = await self.refresher.refresh(reservation.job_id, reservation.upstream_id)
             if status in TERMINAL_STATUSES:
                 resolved += 1
-            elif reservation.created_at < stale_cutoff:
+            elif reservation.since < stale_cutoff:
                 await self._resolve_stale(reservation)
                 resolved += 1
         return resolved

@@ -73,6 +73,11 @@ class Upstream:
             await self._session.close()
             self._session = None
 
+    @property
+    def timeout_seconds(self) -> float:
+        """The longest one call may take."""
+        return float(self._timeout.total or 0.0)
+
     async def submit(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
         """POST a generate request; the upstream's 202 body (``request_id`` checked)."""
         body = await self._call("submit", "POST", path, json=params)
@@ -167,3 +172,9 @@ class Upstream:
     def scrub(self, text: str) -> str:
         """``text`` with the subscription key, or any piece of it of 8 characters or more, blanked out."""
         return self._redactor.text(text)
+
+
+def initial_status(upstream_body: dict[str, Any]) -> str:
+    """The status a job starts in, from the upstream's answer to its submit (QUEUED unless it says PROCESSING)."""
+    status = upstream_body.get("status")
+    return status if status in ("QUEUED", "PROCESSING") else "QUEUED"

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .queueing import client_status
 from .store import HandleView
 from .ttlcache import TtlCache
 
@@ -14,7 +15,7 @@ def status_body(view: HandleView) -> dict[str, Any]:
     """The upstream's status shape, with the gateway's handle as ``request_id``."""
     return {
         "request_id": view.handle,
-        "status": view.status,
+        "status": client_status(view.status),
         "model_id": view.model,
         "error": view.error,
         "output": view.output,

@@ -51,11 +51,12 @@ class ManualClock(Clock):
         return self.moment
 
 
-def policies_with(tmp_path: Path, budgets: str = "", cache: str = "", webhooks: str = "") -> Path:
+def policies_with(tmp_path: Path, budgets: str = "", cache: str = "", webhooks: str = "", upstream: str = "") -> Path:
     """A copy of policies/ with settings changed: lines of ``section: key = value`` per file."""
     directory = tmp_path / f"policies-{len(list(tmp_path.glob('policies-*')))}"
     shutil.copytree(POLICIES, directory)
-    for name, changes in (("budgets.toml", budgets), ("cache.toml", cache), ("webhooks.toml", webhooks)):
+    for name, changes in (("budgets.toml", budgets), ("cache.toml", cache), ("webhooks.toml", webhooks),
+                          ("upstream.toml", upstream)):
         text = (directory / name).read_text()
         for line in changes.strip().splitlines():
             section, assignment = (part.strip() for part in line.split(":", 1))

@@ -61,13 +61,14 @@ async def test_failed_can_be_released_by_policy(start_gateway, simulator: Simula
     assert gateway.ledger_rows("kind", "note")[-1] == ("release", "FAILED: released by policy")
 
 
-@pytest.mark.parametrize("fault", [Fault(op="submit", status=500), Fault(op="submit", status=429)])
+@pytest.mark.parametrize("fault", [Fault(op="submit", status=500), Fault(op="submit", status=400)])
 async def test_a_refused_submit_releases_at_once(gateway: Gateway, simulator: Simulator, fault: Fault) -> None:
+    """(A 429 is not a refusal: the job waits in the local queue instead, see test_queue.py.)"""
     simulator.add_fault(fault)
 
     code, _, _ = await gateway.submit()
 
-    assert code in (429, 500)
+    assert code == fault.status
     assert [row[:3] for row in gateway.ledger_rows(*LEDGER)] == [("reserve", 420_000, 0), ("release", -420_000, 0)]
     assert [row[1:] for row in gateway.totals()] == [(0, 0, 0)]
 
@@ -199,7 +200,9 @@ async def test_a_global_cap_over_all_teams(start_gateway, simulator: Simulator, 
 
 
 async def test_concurrent_jobs_limit(start_gateway, simulator: Simulator) -> None:
-    gateway = await start_gateway(teams={"design": {"budget_limit_micros": 10_000_000, "max_concurrent_jobs": 2}})
+    """A team that refuses at its limit (on_limit = refuse; the default queues, see test_queue.py)."""
+    gateway = await start_gateway(teams={"design": {"budget_limit_micros": 10_000_000, "max_concurrent_jobs": 2,
+                                                    "on_limit": "refuse"}})
     simulator.queue_outcomes("STUCK", "STUCK")
     _, first, _ = await gateway.submit()
     assert (await gateway.submit())[0] == 202

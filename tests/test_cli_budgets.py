@@ -58,7 +58,7 @@ def test_update_show_report_and_ledger(env: dict[str, str]) -> None:
     shown = json.loads(cli(env, "teams", "show", "ops", "--json").stdout)
     assert shown == {"name": "ops", "budget_usd": "12.50", "period": "month", "soft_threshold_percent": 80,
                      "user_cap_usd": None, "max_concurrent_jobs": 3, "max_submits_per_minute": None,
-                     "current_period": key, "spent_usd": "0.42", "reserved_usd": "0.00", "credit_usd": "0.00",
+                     "weight": 1, "on_limit": "queue", "current_period": key, "spent_usd": "0.42", "reserved_usd": "0.00", "credit_usd": "0.00",
                      "remaining_usd": "12.08"}
     as_csv = list(csv.DictReader(io.StringIO(cli(env, "spend", "report", "--format", "csv").stdout)))
     assert as_csv == [{"team": "ops", "period": key, "limit_usd": "12.50", "credit_usd": "0.00", "spent_usd": "0.42",

@@ -17,6 +17,7 @@ from decimal import Decimal
 import pytest
 
 from proxy.console.signin import LOGIN_COOKIE, SESSION_COOKIE
+from proxy.simulator import Simulator
 from proxy.store.factory import store_at
 from tests.conftest import JWT_SECRET, ROOT, TEXT_PATH, Gateway, auth, ledger_mismatches, make_token, wait_for_status
 from tests.console_client import ConsoleClient
@@ -352,3 +353,27 @@ async def test_a_total_budget_charts_from_its_first_day_of_spend(start_gateway) 
     figures = json.loads(html.unescape(chart))
     assert figures["period"] == "total" and len(figures["days"]) == 1  # today, not every day since 2000
     assert figures["series"] == [{"label": "text-to-video", "micros": [PRICE]}]
+
+
+async def test_the_team_page_shows_its_queue_and_sets_its_share(gateway: Gateway, simulator: Simulator) -> None:
+    simulator.settings.processing_seconds = 30  # the first job holds the team's one slot while the test looks
+    async with ConsoleClient(gateway) as admin:
+        page = await admin.sign_in()
+        page = await admin.post("/console/teams/design/settings", {
+            "budget_usd": "50", "period": "month", "soft_threshold_percent": "80", "user_cap_usd": "",
+            "max_concurrent_jobs": "1", "max_submits_per_minute": "", "weight": "3", "on_limit": "queue"},
+            csrf=page.csrf)
+        assert page.status == 200 and page.by_id("notice") == "Settings saved."
+        assert gateway.sql("SELECT weight, on_limit FROM teams WHERE name = 'design'") == [(3, "queue")]
+        handles = []
+        for n in range(3):  # the first runs (the simulator keeps it running), the other two wait
+            code, body, _ = await gateway.submit(TEXT_PATH, {"prompt": f"queued {n}"},
+                                                 headers=auth() | {"X-Proxy-Priority": str(n)})
+            assert code == 202
+            handles.append(body["request_id"])
+        team = await admin.get("/console/teams/design")
+        assert team.by_id("queue-summary").startswith("2 waiting; the oldest for ")
+        rows = team.by_id("queue")
+        assert rows.index(handles[2]) < rows.index(handles[1])  # the higher priority first
+        bad = await admin.post("/console/teams/design/settings", {"weight": "0", "on_limit": "drop"}, csrf=page.csrf)
+        assert bad.status == 400 and "between 1 and 1000" in bad.by_id("e-weight")

@@ -76,7 +76,7 @@ def test_promtool_accepts_the_config_and_the_rules() -> None:
 
     assert config.returncode == 0, config.stdout + config.stderr
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 9 rules found" in rules.stdout
+    assert "SUCCESS: 11 rules found" in rules.stdout
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (Debian package 'prometheus'; .ci/run installs it)")

@@ -151,7 +151,7 @@ def test_policies_are_named_in_the_order_the_app_runs_them(tmp_path):
 def test_every_annotation_resolves():
     from proxy.store import Store
     hints = typing.get_type_hints(Store.begin_submission)
-    assert sorted(hints) == ["hold", "return", "submission"]
+    assert sorted(hints) == ["admission", "hold", "return", "submission"]
     typing.get_type_hints(SubmitContext.__init__)
     typing.get_type_hints(SubmitContext.submission)
     for name in _modules():

@@ -44,7 +44,7 @@ async def test_metrics_after_a_known_sequence(start_gateway, simulator: Simulato
     assert value(samples, "pixazo_proxy_cache_events_total", result="miss") == 5
     assert value(samples, "pixazo_proxy_jobs_in_flight", model=T2V, status="PROCESSING") == 1
     assert value(samples, "pixazo_proxy_jobs_finished_total", model=T2V, status="COMPLETED") == 1
-    assert value(samples, "pixazo_proxy_jobs_finished_total", model=T2V, status="ERROR") == 1
+    assert value(samples, "pixazo_proxy_jobs_finished_total", model=T2V, status="ERROR") == 2  # B, and E cancelled
     assert value(samples, "pixazo_proxy_job_duration_seconds_count", model=T2V) == 2
     assert value(samples, "pixazo_proxy_upstream_requests_total", operation="submit", status_class="2xx") == 3
     assert value(samples, "pixazo_proxy_upstream_requests_total", operation="submit", status_class="4xx") == 1
@@ -52,8 +52,12 @@ async def test_metrics_after_a_known_sequence(start_gateway, simulator: Simulato
     assert value(samples, "pixazo_proxy_upstream_request_duration_seconds_count", operation="submit") == 4
     assert value(samples, "pixazo_proxy_webhook_deliveries_total", outcome="delivered") == 1
     assert value(samples, "pixazo_proxy_webhook_outbox_depth") == 0
-    assert value(samples, "pixazo_proxy_requests_total", route=SUBMIT_ROUTE, model=T2V, team="design", status_class="2xx") == 4
-    assert value(samples, "pixazo_proxy_requests_total", route=SUBMIT_ROUTE, model=T2V, team="design", status_class="4xx") == 2
+    assert value(samples, "pixazo_proxy_requests_total", route=SUBMIT_ROUTE, model=T2V, team="design", status_class="2xx") == 5
+    assert value(samples, "pixazo_proxy_requests_total", route=SUBMIT_ROUTE, model=T2V, team="design", status_class="4xx") == 1
+    assert value(samples, "pixazo_proxy_upstream_throttled_total") == 1  # E's 429: absorbed, no client saw it
+    assert value(samples, "pixazo_proxy_queue_admitted_total", team="design") == 1
+    assert value(samples, "pixazo_proxy_queue_ended_total", team="design", reason="cancelled") == 1
+    assert value(samples, "pixazo_proxy_upstream_slots_in_use") == 0
     assert value(samples, "pixazo_proxy_request_duration_seconds_count", route=SUBMIT_ROUTE) == 6
     assert value(samples, "pixazo_proxy_gateway_overhead_seconds_count", route=SUBMIT_ROUTE) == 6
     assert ("pixazo_proxy_tracker_lag_seconds", frozenset()) in samples

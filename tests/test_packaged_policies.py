@@ -17,7 +17,7 @@ def test_the_packaged_policies_are_the_repositorys() -> None:
     packaged = {path.name: path.read_text() for path in PACKAGED_POLICIES.glob("*.toml")}
     editable = {path.name: path.read_text() for path in POLICIES.glob("*.toml")}
 
-    assert packaged == editable and len(packaged) == 4
+    assert packaged == editable and len(packaged) == 5
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -45,13 +47,17 @@ async def test_upstream_refusals_map_to_its_status_and_shape_and_are_not_retried
     assert job_statuses(gateway) == [("INDETERMINATE" if fault.kind != "status" else "REJECTED", None)]
 
 
-async def test_429_passes_retry_after_on(gateway: Gateway, simulator: Simulator) -> None:
+async def test_an_upstream_429_pauses_submits_for_its_retry_after_instead_of_failing(gateway: Gateway,
+                                                                                   simulator: Simulator) -> None:
     simulator.add_fault(Fault(op="submit", status=429, retry_after="7"))
+    before = time.time()
 
     code, body, headers = await gateway.submit()
 
-    assert (code, body) == (429, {"error": "Too Many Requests", "message": "Simulated upstream fault"})
-    assert headers["Retry-After"] == "7"
+    assert (code, body["status"], headers["X-Proxy-Queue-Position"]) == (202, "QUEUED", "1")
+    [(paused_until,)] = gateway.sql("SELECT next_send FROM upstream_gate")
+    assert before + 7 <= paused_until <= time.time() + 7
+    assert gateway.sql("SELECT status FROM jobs") == [("WAITING",)]
 
 
 async def test_a_slow_upstream_is_504_and_the_submit_is_not_resent(start_gateway, simulator: Simulator) -> None:

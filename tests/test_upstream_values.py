@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from proxy.redact import Redactor
@@ -52,23 +54,30 @@ async def test_the_key_in_status_fields_is_scrubbed_before_it_is_stored_answered
     assert not holds_a_piece_of_the_key(stored)
 
 
-@pytest.mark.parametrize(("sent", "passed"), [
-    (UPSTREAM_KEY, None),
-    (f"7, {UPSTREAM_KEY[:12]}", None),
-    ("7", "7"),
-    ("Wed, 21 Oct 2015 07:28:00 GMT", "Wed, 21 Oct 2015 07:28:00 GMT"),
-    ("Wednesday, 21-Oct-15 07:28:00 GMT", "Wed, 21 Oct 2015 07:28:00 GMT"),
-    ("soon", None),
-    ("-1", None),
+@pytest.mark.parametrize(("sent", "pause"), [
+    (UPSTREAM_KEY, 5.0),  # not a Retry-After: the policy's throttle_seconds
+    (f"7, {UPSTREAM_KEY[:12]}", 5.0),
+    ("7", 7.0),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date long past: no pause
+    ("Wednesday, 21-Oct-15 07:28:00 GMT", 0.0),
+    ("soon", 5.0),
+    ("-1", 5.0),
 ])
-async def test_retry_after_is_passed_on_only_as_seconds_or_a_date(gateway: Gateway, simulator: Simulator,
-                                                                  sent: str, passed: str | None) -> None:
+async def test_an_upstream_retry_after_pauses_submits_only_as_seconds_or_a_date(gateway: Gateway, simulator: Simulator,
+                                                                                sent: str, pause: float) -> None:
     simulator.add_fault(Fault(op="submit", status=429, retry_after=sent))
+    before = time.time()
 
     code, body, headers = await gateway.submit()
 
-    assert code == 429 and body["error"] == "Too Many Requests"
-    assert headers.get("Retry-After") == passed
+    assert (code, body["status"]) == (202, "QUEUED") and "Retry-After" not in headers
+    [(paused_until,)] = gateway.sql("SELECT next_send FROM upstream_gate")
+    if pause:
+        assert before + pause <= paused_until <= time.time() + pause
+    else:
+        assert paused_until < before
+    stored = " ".join(str(row) for row in gateway.sql("SELECT * FROM jobs"))
+    assert not holds_a_piece_of_the_key(stored)
 
 
 @pytest.mark.parametrize("upstream_id", ["..", ".", "a/../../admin", "x y", "", UPSTREAM_KEY, None, 7])

@@ -26,7 +26,17 @@ from ..clock import iso_utc
 from ..errors import FieldError, Forbidden, NotFound, ProxyError, Unauthorized
 from ..money import micros_to_usd
 from ..services import SERVICES, Services
-from ..store import TERMINAL_STATUSES, ConsoleIdentity, ConsoleSession, DaySpend, HandleQuery, JobRow, SpendRow, Team
+from ..store import (
+    TERMINAL_STATUSES,
+    ConsoleIdentity,
+    ConsoleSession,
+    DaySpend,
+    HandleQuery,
+    JobRow,
+    QueueRow,
+    SpendRow,
+    Team,
+)
 from ..store.sqlstore import LEDGER_KINDS
 from ..tabular import write_csv
 from .signin import (
@@ -342,14 +352,39 @@ async def _team_view(request: web.Request, visit: Visit, team: Team, *, errors: 
     csv_query = urlencode({k: v for k, v in ledger_filter.items() if v is not None and k != "before"})
     next_page = (f"?{urlencode({**{k: v for k, v in ledger_filter.items() if v is not None}, 'before': entries[-1].id})}"
                  if more and entries else None)
+    waiting = await services.store.queue_rows(team.name, QUEUE_ROWS)
+    queue = [_waiting(row) for row in waiting]
+    oldest = _waited(min((row.enqueued_at for row in waiting), default=time.time()))
     return _render(
         request, "team.html", visit, status=status, team=team, report=report, charts=charts,
+        queue=queue, queue_limit=QUEUE_ROWS, queue_oldest=oldest,
         table=[line for line in lines if line.period_key in (key, previous[0] if previous else key)],
         top_users=await services.store.top_users(team.name, key),
         refusals=await services.store.recent_refusals(team.name),
         entries=entries, ledger_filter=ledger_filter, kinds=LEDGER_KINDS, csv_query=csv_query, next_page=next_page,
         errors=errors or {}, form=form or {}, notice=notice, secret=secret, period=key,
         previous=previous[0] if previous else None)
+
+
+QUEUE_ROWS = 50
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    handle: str
+    user: str
+    model: str
+    priority: int
+    waited: str
+
+
+def _waited(since: float) -> str:
+    seconds = max(0, int(time.time() - since))
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def _waiting(row: QueueRow) -> _Waiting:
+    return _Waiting(row.handle, row.user, row.model, row.priority, _waited(row.enqueued_at))
 
 
 def _ledger_filter(request: web.Request, team: Team, current: str) -> dict[str, Any]:
@@ -367,7 +402,7 @@ def _ledger_filter(request: web.Request, team: Team, current: str) -> dict[str, 
 
 
 _SETTING_FIELDS = ("budget_usd", "period", "soft_threshold_percent", "user_cap_usd", "max_concurrent_jobs",
-                   "max_submits_per_minute")
+                   "max_submits_per_minute", "weight", "on_limit")
 
 
 @page
@@ -381,13 +416,13 @@ async def team_settings(request: web.Request, visit: Visit) -> web.StreamRespons
         value = _text(form.get(name))
         if value is None:
             continue
-        if name in ("budget_usd", "period"):
+        if name in ("budget_usd", "period", "on_limit"):
             if value:
                 body[name] = value
         elif name == "user_cap_usd":
             body[name] = value or None
         elif not value:
-            body[name] = None if name != "soft_threshold_percent" else value
+            body[name] = None if name not in ("soft_threshold_percent", "weight") else value
         elif value.isascii() and value.isdigit() and len(value) < 10:
             body[name] = int(value)
         else:

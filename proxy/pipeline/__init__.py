@@ -32,7 +32,8 @@ from aiohttp import web
 
 from ..auth import Caller
 from ..observe import CACHE, HANDLE
-from ..store import IdempotencyRecord, Submission
+from ..queueing import client_status
+from ..store import IdempotencyRecord, QueuePlace, Submission
 from ..validate import canonical_json
 from ..values import Estimate, Hold, ModelSpec
 
@@ -105,6 +106,8 @@ class SubmitContext:
         self.handle: str | None = None  # the gateway's handle, once one is made
         self.job_id: int | None = None  # the job recorded for this request, once recorded
         self.upstream_attempted = False  # the submit was handed to the upstream client: it may have arrived
+        self.priority = 0  # X-Proxy-Priority (record): its place among its team's waiting jobs
+        self.queued: QueuePlace | None = None  # it waits in the local queue, not sent (record, forward)
         self.response: web.StreamResponse | None = None
         self.response_headers: dict[str, str] = {}
 
@@ -126,7 +129,10 @@ class SubmitContext:
 
 
 def accepted(public_url: str, handle: str, status: str, headers: dict[str, str] | None = None) -> web.Response:
-    """The upstream's 202 for a submit, naming the gateway's handle and its polling URL (``public_url``: no '/')."""
+    """The upstream's 202 for a submit, naming the gateway's handle and its polling URL (``public_url``: no '/').
+
+    A job waiting in the local queue is QUEUED to the client, the upstream's own word."""
+    status = client_status(status)
     return web.json_response({"request_id": handle, "status": status, "polling_url": f"{public_url}{STATUS_PATH}{handle}"},
                              status=202, headers=headers)
 

@@ -116,7 +116,7 @@ class Dedup(Policy):
             status = await self.store.job_status(job_id)
         if status == "INDETERMINATE":
             raise Conflict(LOST)
-        if status not in ("QUEUED", "PROCESSING", "COMPLETED"):
+        if status not in ("QUEUED", "PROCESSING", "COMPLETED", "WAITING"):
             return False
         self._end_claim(ctx, result=job_id)
         await self._attach(ctx, job_id, status)

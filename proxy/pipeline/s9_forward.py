@@ -1,26 +1,34 @@
-"""Last, two policies: record the intent, then forward to the upstream.
+"""Last, two policies: record the intent (or queue it), then forward to the upstream.
 
 :class:`Record` writes the handle and its job as SUBMITTING *before* the
 upstream is called, so a crash mid-call leaves a trace rather than a paid job
 nobody knows about; it marks the job submitted, or rejected, once the outcome
-is known. :class:`Forward` makes the one upstream call and answers 202 in the
-upstream's shape, with the gateway's handle and polling URL.
+is known. In the same transaction the store decides whether the job may go
+now or must wait in the local queue (:mod:`proxy.queueing`): then Record
+answers 202 QUEUED itself and nothing is sent. :class:`Forward` makes the one
+upstream call and answers 202 in the upstream's shape, with the gateway's
+handle and polling URL; an upstream 429 puts the job in the queue instead of
+failing the client.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from ..alerts import Alerts
 from ..budget import budget_headers
 from ..clock import new_request_id
-from ..errors import Conflict, StoreUnavailable, UpstreamRefused, UpstreamUnavailable
+from ..errors import BadRequest, Conflict, StoreUnavailable, UpstreamRefused, UpstreamUnavailable
 from ..metrics import Metrics
 from ..money import micros_to_usd
-from ..store import FingerprintTaken, Store
-from ..upstream import Upstream
+from ..queueing import PRIORITY_HEADER, QueueRules, pause_from, priority_problem
+from ..store import Admission, Dispatch, FingerprintTaken, QueuePlace, Store
+from ..upstream import Upstream, initial_status
 from . import Policy, StageNotRun, SubmitContext, accepted
+
+QUEUE_POSITION_HEADER = "X-Proxy-Queue-Position"
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +39,32 @@ JOIN_ATTEMPTS = 3
 class Record(Policy):
     name = "record"
 
-    def __init__(self, store: Store, alerts: Alerts, metrics: Metrics, join: Join) -> None:
+    def __init__(self, store: Store, alerts: Alerts, metrics: Metrics, join: Join, rules: QueueRules,
+                 public_url: str, queued: Callable[[], None]) -> None:
         self.store = store
         self.alerts = alerts
         self.metrics = metrics
         self.join = join
+        self.rules = rules
+        self.public_url = public_url.rstrip("/")
+        self.queued = queued  # tells the dispatcher a job waits
+
+    async def on_headers(self, ctx: SubmitContext) -> None:
+        value = ctx.request.headers.get(PRIORITY_HEADER)
+        if value is not None:
+            priority, problem = priority_problem(value)
+            if problem is not None:
+                raise BadRequest(problem)
+            assert priority is not None
+            ctx.priority = priority
 
     async def on_request(self, ctx: SubmitContext) -> None:
         ctx.handle = ctx.handle or new_request_id(ctx.model.id)
         for _ in range(JOIN_ATTEMPTS):
             try:
-                receipt = await self.store.begin_submission(ctx.submission(ctx.handle, cache=ctx.cache), ctx.hold)
+                admission = Admission(self.rules, ctx.priority, time.time())
+                receipt = await self.store.begin_submission(ctx.submission(ctx.handle, cache=ctx.cache), ctx.hold,
+                                                            admission)
                 break
             except FingerprintTaken as taken:  # an identical request won the race on another process
                 if await self.join(ctx, taken.job_id):
@@ -53,11 +76,15 @@ class Record(Policy):
             ctx.response_headers.update(budget_headers(ctx.estimate, receipt.budget))
         if receipt.alert is not None:
             self.alerts.soft_limit(receipt.alert)
+        if receipt.queued is not None:  # no room upstream, or the team is at its own limit: it waits, not sent
+            answer_queued(ctx, self.public_url, receipt.queued)
+            self.metrics.child(self.metrics.queue_admitted, ctx.caller.team.name).inc()
+            self.queued()
 
     async def on_response(self, ctx: SubmitContext) -> None:
-        if ctx.job_id is None:  # it joined an identical request's job (see on_request): nothing of its own to mark
+        if ctx.job_id is None or ctx.queued is not None:  # joined another's job, or waiting: nothing to mark yet
             return
-        await self.store.mark_submitted(ctx.job_id, ctx.upstream["request_id"], _initial_status(ctx.upstream))
+        await self.store.mark_submitted(ctx.job_id, ctx.upstream["request_id"], initial_status(ctx.upstream))
         if logger.isEnabledFor(logging.DEBUG):  # the access line says this at INFO; skip building it otherwise
             principal = ctx.caller.principal
             logger.debug("accepted %s", ctx.handle, extra={
@@ -65,7 +92,7 @@ class Record(Policy):
                 "user": principal.user, "model": ctx.model.id, "cache": ctx.cache})
 
     async def on_failure(self, ctx: SubmitContext, error: BaseException) -> None:
-        if ctx.job_id is None:
+        if ctx.job_id is None or ctx.queued is not None:
             return
         reason = f"{type(error).__name__}: {error}"[:500]
         arrived = _may_have_arrived(ctx, error)
@@ -93,19 +120,55 @@ class Record(Policy):
                               "gateway resolves it; retry with the same Idempotency-Key to learn the outcome.")
 
 
+def answer_queued(ctx: SubmitContext, public_url: str, place: QueuePlace) -> None:
+    """Answer 202 QUEUED for a job that waits in the local queue, with its place in its team's queue."""
+    assert ctx.handle is not None
+    ctx.queued = place
+    ctx.response_headers[QUEUE_POSITION_HEADER] = str(place.position)
+    ctx.response = accepted(public_url, ctx.handle, "QUEUED")
+
+
 class Forward(Policy):
     name = "forward"
 
-    def __init__(self, upstream: Upstream, public_url: str) -> None:
+    def __init__(self, upstream: Upstream, public_url: str, store: Store, rules: QueueRules, metrics: Metrics,
+                 queued: Callable[[], None]) -> None:
         self.upstream = upstream
         self.public_url = public_url.rstrip("/")
+        self.store = store
+        self.rules = rules
+        self.metrics = metrics
+        self.queued = queued
 
     async def on_request(self, ctx: SubmitContext) -> None:
         if ctx.handle is None or ctx.job_id is None:
             raise StageNotRun("the forward policy runs after the record policy, which names the handle and its job")
         ctx.upstream_attempted = True
-        ctx.upstream = await self.upstream.submit(ctx.model.path, ctx.params)
-        ctx.response = accepted(self.public_url, ctx.handle, _initial_status(ctx.upstream))
+        try:
+            ctx.upstream = await self.upstream.submit(ctx.model.path, ctx.params)
+        except UpstreamRefused as refused:
+            if refused.status != 429 or not await self._wait(ctx, refused):
+                raise
+            return
+        ctx.response = accepted(self.public_url, ctx.handle, initial_status(ctx.upstream))
+
+    async def _wait(self, ctx: SubmitContext, refused: UpstreamRefused) -> bool:
+        """The upstream said 429 (the job was not accepted): the job waits at the head of its team's queue and
+        submits pause for the Retry-After; the client gets 202 QUEUED instead of the 429."""
+        assert ctx.handle is not None and ctx.job_id is not None
+        now = time.time()
+        principal = ctx.caller.principal
+        job = Dispatch(ctx.job_id, ctx.handle, principal.team, principal.user, ctx.model.id, ctx.params, now,
+                       now + self.rules.max_wait_seconds, ctx.priority, 0)
+        until = pause_from(refused.headers.get("Retry-After"), self.rules.throttle_seconds, now)
+        if not await self.store.requeue(job, until):
+            return False
+        place = await self.store.queue_place(ctx.job_id)
+        answer_queued(ctx, self.public_url, place or QueuePlace(1, 0.0))
+        self.metrics.upstream_throttled.inc()
+        self.metrics.child(self.metrics.queue_admitted, principal.team).inc()
+        self.queued()
+        return True
 
 
 def _may_have_arrived(ctx: SubmitContext, error: BaseException) -> bool:
@@ -115,8 +178,3 @@ def _may_have_arrived(ctx: SubmitContext, error: BaseException) -> bool:
     if isinstance(error, UpstreamUnavailable):
         return error.indeterminate
     return True  # cancelled or failed while the call was in flight, or after its answer came back
-
-
-def _initial_status(upstream_body: dict) -> str:
-    status = upstream_body.get("status")
-    return status if status in ("QUEUED", "PROCESSING") else "QUEUED"

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..queueing import MAX_WEIGHT, ON_LIMIT, QueueRules
 from ..values import Hold
 
 PERIODS = ("month", "week", "day", "total")
@@ -26,6 +27,7 @@ PERIODS = ("month", "week", "day", "total")
 #: is INDETERMINATE, its money held until the sweeper resolves it by policy; a
 #: submit the upstream refused, or that provably never reached it, is REJECTED.
 TERMINAL_STATUSES = ("COMPLETED", "FAILED", "ERROR")
+#: WAITING (proxy.queueing): a job in the gateway's own queue, its money reserved, not yet sent (clients see QUEUED).
 #: Every kind of ledger entry (the ledger's CHECK constraint).
 LEDGER_KINDS = ("reserve", "settle", "release", "adjust", "topup", "saving")
 #: Budget refusals remembered per team (the console shows the newest).
@@ -34,7 +36,8 @@ REFUSALS_KEPT = 20
 UNKNOWN_OUTCOME = ("SUBMITTING", "INDETERMINATE")
 
 TEAM_SETTINGS = ("budget_limit_micros", "period", "soft_threshold_percent", "user_cap_micros",
-                 "max_concurrent_jobs", "max_submits_per_minute")
+                 "max_concurrent_jobs", "max_submits_per_minute", "weight", "on_limit")
+
 
 
 #: What a team may be called, wherever it is created: no '/' (it separates team and user in scope keys), no
@@ -66,6 +69,7 @@ _SETTING_RANGES: dict[str, tuple[int, int | None]] = {
     "user_cap_micros": (0, None),
     "max_concurrent_jobs": (1, None),
     "max_submits_per_minute": (1, None),
+    "weight": (1, MAX_WEIGHT),
 }
 _OPTIONAL_SETTINGS = ("user_cap_micros", "max_concurrent_jobs", "max_submits_per_minute")
 
@@ -78,6 +82,10 @@ def check_team_settings(settings: dict[str, Any]) -> None:
         if name == "period":
             if value not in PERIODS:
                 raise SettingProblem(name, "must be one of " + ", ".join(PERIODS))
+            continue
+        if name == "on_limit":
+            if value not in ON_LIMIT:
+                raise SettingProblem(name, "must be one of " + ", ".join(ON_LIMIT))
             continue
         if value is None:
             if name not in _OPTIONAL_SETTINGS:
@@ -126,6 +134,8 @@ class Team:
     max_concurrent_jobs: int | None = None
     max_submits_per_minute: int | None = None
     updated_at: str | None = None
+    weight: int = 1
+    on_limit: str = "queue"
 
 
 @dataclass(frozen=True)
@@ -196,6 +206,7 @@ class Reservation:
     params: dict[str, Any]
     job_status: str
     upstream_id: str | None
+    since: str = ""  # when its job was last sent upstream (its reservation's creation if it never waited)
 
 
 @dataclass(frozen=True)
@@ -336,6 +347,52 @@ class Receipt:
     job_id: int
     budget: BudgetView | None = None
     alert: SoftAlert | None = None
+    queued: QueuePlace | None = None  # it waits in the local queue (not sent); None: the caller sends it now
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a locally queued job stands: its place in its team's queue (1: next) and how long it has waited."""
+
+    position: int
+    waited_seconds: float
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What decides whether a new submit is sent now or waits: the account's limits, and its team priority."""
+
+    rules: QueueRules
+    priority: int
+    now: float  # wall-clock seconds
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A waiting job the dispatcher has taken from the queue (now SUBMITTING, its slot held): send it."""
+
+    job_id: int
+    handle: str
+    team: str
+    user: str
+    model: str
+    params: dict[str, Any]
+    enqueued_at: float
+    deadline: float
+    priority: int
+    stride: int  # what taking it added to its team's pass (given back if it goes back to waiting)
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    """One waiting job, for the console and the metrics."""
+
+    handle: str
+    team: str
+    user: str
+    model: str
+    priority: int
+    enqueued_at: float
 
 
 @dataclass(frozen=True)
@@ -468,7 +525,8 @@ class Store(Protocol):
 
     # jobs and handles
 
-    async def begin_submission(self, submission: Submission, hold: Hold | None) -> Receipt:
+    async def begin_submission(self, submission: Submission, hold: Hold | None,
+                               admission: Admission | None = None) -> Receipt:
         """Record a handle and its job as SUBMITTING and reserve ``hold``, in one transaction.
 
         Raises :class:`~proxy.errors.BudgetExceeded` or :class:`~proxy.errors.TooManyRequests`
@@ -476,7 +534,21 @@ class Store(Protocol):
         """
         ...
 
-    async def mark_submitted(self, job_id: int, upstream_id: str, status: str) -> None: ...
+    async def mark_submitted(self, job_id: int, upstream_id: str, status: str, *, quiet: bool = False) -> None: ...
+
+    async def take_next(self, rules: QueueRules, now: float) -> Dispatch | float | None: ...
+
+    async def requeue(self, dispatch: Dispatch, pause_until: float | None) -> bool: ...
+
+    async def queue_place(self, job_id: int) -> QueuePlace | None: ...
+
+    async def cancel_waiting(self, handle: str, who: str) -> None: ...
+
+    async def expire_waiting(self, now: float, limit: int = 100) -> list[int]: ...
+
+    async def queue_rows(self, team: str | None = None, limit: int = 100) -> list[QueueRow]: ...
+
+    async def reconcile_gate(self) -> tuple[int, int]: ...
 
     async def idempotent_handle(self, team: str, user: str, key: str, now: str) -> RememberedKey | None:
         """What an unexpired key remembers; None if unknown or refused upstream."""

@@ -82,9 +82,11 @@ def _check_concurrency(team: Team) -> Tx[None]:
 
 
 def refusal_for(team: Team, user: str, hold: Hold) -> Tx[str | None]:
-    """Why ``hold`` would be refused now (read only), or None."""
+    """Why ``hold`` would be refused now (read only), or None. A team at its own job limit that queues is not
+    refused: its submit would wait in the local queue."""
     try:
-        yield from _check_concurrency(team)
+        if team.on_limit == "refuse":
+            yield from _check_concurrency(team)
     except TooManyRequests as exc:
         return exc.message
     amount = hold.estimate.amount_micros
@@ -98,9 +100,13 @@ def refusal_for(team: Team, user: str, hold: Hold) -> Tx[str | None]:
 
 
 def reserve(*, team: Team, user: str, hold: Hold, job_id: int, handle: str, model: str,
-            now: str) -> Tx[tuple[BudgetView, SoftAlert | None]]:
-    """Hold ``hold``'s estimate against every cap, or raise (the caller's transaction then rolls back)."""
-    yield from _check_concurrency(team)
+            now: str, count_jobs: bool = True) -> Tx[tuple[BudgetView, SoftAlert | None]]:
+    """Hold ``hold``'s estimate against every cap, or raise (the caller's transaction then rolls back).
+
+    ``count_jobs``: refuse a team at its ``max_concurrent_jobs`` here (False: the local queue decides instead).
+    """
+    if count_jobs:
+        yield from _check_concurrency(team)
     estimate = hold.estimate
     after: tuple[int, int, int, bool] | None = None  # the team scope's totals as this reservation left them
     for scope, key, limit, who in _caps(team, user, hold):

@@ -20,9 +20,9 @@ BATCH = 1000
 #: table -> (columns in order, ordering key); parents before children.
 TABLES: dict[str, tuple[str, str]] = {
     "teams": ("name, budget_limit_micros, period, created_at, soft_threshold_percent, user_cap_micros, "
-              "max_concurrent_jobs, max_submits_per_minute, updated_at, webhook_secret", "name"),
+              "max_concurrent_jobs, max_submits_per_minute, updated_at, webhook_secret, weight, on_limit", "name"),
     "jobs": ("id, upstream_id, model, params, status, output, error, created_at, updated_at, completed_at, "
-             "checked_at, fingerprint, finished_at, claims_fingerprint", "id"),
+             "checked_at, fingerprint, finished_at, claims_fingerprint, holds_slot, sent_at", "id"),
     "handles": ("id, job_id, team, user_id, model, created_at, cache, webhook_url, webhook_mode", "id"),
     "reservations": ("job_id, handle, team, user_id, model, period_key, global_period_key, amount_micros, seconds, "
                      "resolution, basis, state, created_at, resolved_at, note", "job_id"),
@@ -32,6 +32,8 @@ TABLES: dict[str, tuple[str, str]] = {
                "reserved_delta, spent_delta, credit_delta, saved_micros, basis, actor, note", "id"),
     "idempotency_keys": ("team, user_id, idempotency_key, request_hash, handle, expires_at",
                          "team, user_id, idempotency_key"),
+    "queued_jobs": ("job_id, handle, team, user_id, model, priority, enqueued_at, deadline", "job_id"),
+    "queue_teams": ("team, pass", "team"),
     "outbox": ("id, message_id, handle, team, url, status, payload, state, attempts, next_attempt_at, last_error, "
                "created_at, finished_at", "id"),
 }

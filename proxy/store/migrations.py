@@ -83,6 +83,36 @@ def _console_tables(money: str, serial: str) -> str:
     """
 
 
+def _queue_tables(real: str) -> str:
+    """The local queue's tables, in the backend's type for seconds since the epoch."""
+    return f"""
+    CREATE TABLE queued_jobs (
+        job_id BIGINT PRIMARY KEY REFERENCES jobs (id),
+        handle TEXT NOT NULL,
+        team TEXT NOT NULL REFERENCES teams (name),
+        user_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        enqueued_at {real} NOT NULL,
+        deadline {real} NOT NULL
+    );
+    CREATE INDEX queued_jobs_order ON queued_jobs (team, priority DESC, job_id);
+    CREATE INDEX queued_jobs_deadline ON queued_jobs (deadline);
+    CREATE TABLE queue_teams (
+        team TEXT PRIMARY KEY REFERENCES teams (name),
+        pass BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE upstream_gate (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        in_flight INTEGER NOT NULL DEFAULT 0,
+        queued INTEGER NOT NULL DEFAULT 0,
+        next_send {real} NOT NULL DEFAULT 0,
+        fair_clock BIGINT NOT NULL DEFAULT 0
+    );
+    INSERT INTO upstream_gate (id) VALUES (1);
+    """
+
+
 MIGRATIONS: list[str] = [
     # 1: teams, upstream jobs, client handles
     """
@@ -303,6 +333,25 @@ MIGRATIONS: list[str] = [
                 saved_micros = saved_micros + excluded.saved_micros;
     END;
     """,
+    # 9: the local queue (proxy.queueing). Teams get a weight and what to do at their own limit; a waiting job has
+    # a queue row; the gate row counts the upstream slots held (a job holds one from the moment it is sent until
+    # it ends, released by trigger in the same transaction) and keeps the rate's schedule and the fair clock; a
+    # WAITING job's fingerprint is live, so identical submits join it.
+    _queue_tables("REAL") + """
+    ALTER TABLE teams ADD COLUMN weight INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE teams ADD COLUMN on_limit TEXT NOT NULL DEFAULT 'queue';
+    ALTER TABLE jobs ADD COLUMN holds_slot INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN sent_at TEXT;
+    DROP INDEX jobs_live_fingerprint;
+    CREATE UNIQUE INDEX jobs_live_fingerprint ON jobs (fingerprint)
+        WHERE claims_fingerprint = 1 AND status IN ('SUBMITTING', 'QUEUED', 'PROCESSING', 'INDETERMINATE', 'WAITING');
+    CREATE TRIGGER jobs_free_slot AFTER UPDATE OF status ON jobs
+        WHEN old.holds_slot = 1 AND new.status IN ('COMPLETED', 'FAILED', 'ERROR', 'REJECTED', 'WAITING')
+    BEGIN
+        UPDATE upstream_gate SET in_flight = in_flight - 1 WHERE id = 1;
+        UPDATE jobs SET holds_slot = 0 WHERE id = new.id;
+    END;
+    """,
 ]
 
 POSTGRES_MIGRATIONS: list[str] = [
@@ -495,5 +544,24 @@ POSTGRES_MIGRATIONS: list[str] = [
     END $$;
     CREATE TRIGGER ledger_day_rollup AFTER INSERT ON ledger FOR EACH ROW
         WHEN (NEW.kind IN ('settle', 'saving', 'adjust')) EXECUTE FUNCTION ledger_day_rollup();
+    """,
+    # 3: the local queue (SQLite's 9).
+    _queue_tables("DOUBLE PRECISION") + """
+    ALTER TABLE teams ADD COLUMN weight INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE teams ADD COLUMN on_limit TEXT NOT NULL DEFAULT 'queue';
+    ALTER TABLE jobs ADD COLUMN holds_slot INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN sent_at TEXT;
+    DROP INDEX jobs_live_fingerprint;
+    CREATE UNIQUE INDEX jobs_live_fingerprint ON jobs (fingerprint)
+        WHERE claims_fingerprint = 1 AND status IN ('SUBMITTING', 'QUEUED', 'PROCESSING', 'INDETERMINATE', 'WAITING');
+    CREATE FUNCTION jobs_free_slot() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE upstream_gate SET in_flight = in_flight - 1 WHERE id = 1;
+        NEW.holds_slot := 0;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER jobs_free_slot BEFORE UPDATE OF status ON jobs FOR EACH ROW
+        WHEN (OLD.holds_slot = 1 AND NEW.status IN ('COMPLETED', 'FAILED', 'ERROR', 'REJECTED', 'WAITING'))
+        EXECUTE FUNCTION jobs_free_slot();
     """,
 ]

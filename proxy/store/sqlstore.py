@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from ..clock import iso_utc
 from ..errors import Conflict
+from ..queueing import QueueRules
 from ..ttlcache import TtlCache
 from ..values import Hold
 from ..views import status_body
@@ -26,12 +27,14 @@ from . import (
     LEDGER_KINDS,
     REFUSALS_KEPT,
     TERMINAL_STATUSES,
+    Admission,
     BudgetView,
     ConsoleIdentity,
     ConsoleSession,
     DaySpend,
     Decision,
     Delivery,
+    Dispatch,
     FingerprintTaken,
     HandleQuery,
     HandleView,
@@ -39,6 +42,8 @@ from . import (
     JobRow,
     JobUpdate,
     LedgerEntry,
+    QueuePlace,
+    QueueRow,
     Receipt,
     Refusal,
     RememberedKey,
@@ -57,6 +62,7 @@ from . import (
     accounts,
     check_team_settings,
     outbox,
+    queue,
     team_name_problem,
 )
 from .sql import Sql, Tx, changed, every, one
@@ -67,14 +73,16 @@ HANDLE_SELECT = """
     SELECT h.id, h.team, h.user_id, h.model, h.created_at,
            j.id, j.upstream_id, j.status, j.output, j.error, j.updated_at, j.completed_at, j.checked_at
     FROM handles h JOIN jobs j ON j.id = h.job_id
-    WHERE j.status NOT IN ('SUBMITTING', 'INDETERMINATE', 'REJECTED')
+    WHERE (j.status NOT IN ('SUBMITTING', 'INDETERMINATE', 'REJECTED') OR (j.sent_at IS NOT NULL AND j.status <> 'REJECTED'))
 """
+# (A job sent from the local queue has a sent_at: its handles were answered 202 already, so they stay visible while
+# it is being sent, and if its answer is lost, as QUEUED until the sweeper resolves it.)
 TEAM_COLUMNS = ("name, budget_limit_micros, period, created_at, soft_threshold_percent, user_cap_micros, "
-                "max_concurrent_jobs, max_submits_per_minute, updated_at")
+                "max_concurrent_jobs, max_submits_per_minute, updated_at, weight, on_limit")
 TEAM_BY_NAME = f"SELECT {TEAM_COLUMNS} FROM teams WHERE name = ?"
 RESERVATION_SELECT = """
     SELECT r.job_id, r.handle, r.team, r.user_id, r.model, r.period_key, r.amount_micros, r.seconds, r.resolution,
-           r.basis, r.state, r.created_at, j.params, j.status, j.upstream_id
+           r.basis, r.state, r.created_at, j.params, j.status, j.upstream_id, COALESCE(j.sent_at, r.created_at)
     FROM reservations r JOIN jobs j ON j.id = r.job_id
 """
 #: The handles of one job that asked for webhooks: (url, mode, then the HANDLE_SELECT columns).
@@ -82,7 +90,7 @@ WEBHOOK_HANDLES = (HANDLE_SELECT.replace("SELECT h.id,", "SELECT h.webhook_url, 
                    + " AND h.job_id = ? AND h.webhook_url IS NOT NULL")
 TERMINAL = "(" + ", ".join(f"'{status}'" for status in TERMINAL_STATUSES) + ")"
 #: Jobs whose fingerprint a new identical submit must join rather than send again (see jobs_live_fingerprint).
-LIVE = "('SUBMITTING', 'QUEUED', 'PROCESSING', 'INDETERMINATE')"
+LIVE = "('SUBMITTING', 'QUEUED', 'PROCESSING', 'INDETERMINATE', 'WAITING')"
 #: What a running job may be leased for: a status call, however reached.
 RUNNING = "status IN ('QUEUED', 'PROCESSING') AND upstream_id IS NOT NULL"
 #: Expired idempotency keys deleted per write transaction.
@@ -161,8 +169,11 @@ class SqlStore:
 
     # handles and jobs
 
-    async def begin_submission(self, submission: Submission, hold: Hold | None) -> Receipt:
-        return await self._write(_begin_submission, submission, hold, iso_utc())
+    async def begin_submission(self, submission: Submission, hold: Hold | None,
+                               admission: Admission | None = None) -> Receipt:
+        """Record the handle and its job, reserve ``hold``; with ``admission``, the job may instead wait in the
+        local queue (``Receipt.queued``): then it is not to be sent."""
+        return await self._write(_begin_submission, submission, hold, iso_utc(), admission)
 
     async def idempotent_handle(self, team: str, user: str, key: str, now: str) -> RememberedKey | None:
         row = await self._point(
@@ -188,7 +199,7 @@ class SqlStore:
     async def find_reusable(self, fingerprint: str, completed_after: str) -> ReusableJob | None:
         row = await self._point(
             "SELECT id, status FROM jobs WHERE fingerprint = ? AND (status IN ('QUEUED', 'PROCESSING', "
-            "'SUBMITTING', 'INDETERMINATE') OR (status = 'COMPLETED' AND finished_at >= ?)) ORDER BY id DESC LIMIT 1",
+            "'SUBMITTING', 'INDETERMINATE', 'WAITING') OR (status = 'COMPLETED' AND finished_at >= ?)) ORDER BY id DESC LIMIT 1",
             fingerprint, completed_after,
         )
         return ReusableJob(*row) if row else None
@@ -196,8 +207,9 @@ class SqlStore:
     async def attach_handle(self, submission: Submission, job_id: int, saving: Saving) -> int:
         return await self._write(_attach_handle, submission, job_id, saving, iso_utc())
 
-    async def mark_submitted(self, job_id: int, upstream_id: str, status: str) -> None:
-        await self._write(_mark_submitted, job_id, upstream_id, status, iso_utc(), time.time())
+    async def mark_submitted(self, job_id: int, upstream_id: str, status: str, *, quiet: bool = False) -> None:
+        """The upstream accepted the job; ``quiet``: its handles already heard this status (a queued job, QUEUED)."""
+        await self._write(_mark_submitted, job_id, upstream_id, status, iso_utc(), time.time(), quiet)
 
     async def mark_rejected(self, job_id: int, reason: str) -> None:
         await self._write(_mark_rejected, job_id, reason, iso_utc())
@@ -253,6 +265,42 @@ class SqlStore:
         rows = await self._read(every, RESERVATION_SELECT + " WHERE r.state = 'open' AND r.created_at < ? "
                                                             "ORDER BY r.created_at", created_before)
         return [reservation(row) for row in rows]
+
+    # the local queue (proxy.queueing; the SQL is proxy.store.queue)
+
+    async def take_next(self, rules: QueueRules, now: float) -> Dispatch | float | None:
+        """The next waiting job in fair order, now SUBMITTING with its slot held; else the seconds until the
+        rate allows one, or None (nothing may go until something changes). Cheap when nothing waits: a read."""
+        gate = await self._point("SELECT queued FROM upstream_gate WHERE id = 1")
+        if gate is None or gate[0] <= 0:
+            return None
+        return await self._write(queue.take_next, rules, now, iso_utc())
+
+    async def requeue(self, dispatch: Dispatch, pause_until: float | None) -> bool:
+        return await self._write(queue.requeue, dispatch, pause_until)
+
+    async def queue_place(self, job_id: int) -> QueuePlace | None:
+        return await self._read(queue.place, job_id)
+
+    async def cancel_waiting(self, handle: str, who: str) -> None:
+        """End the waiting job of ``handle`` as cancelled, released at once; :class:`Conflict` if it cannot be."""
+        await self._write(queue.cancel, handle, who, _update_job, iso_utc())
+
+    async def expire_waiting(self, now: float, limit: int = 100) -> list[int]:
+        """End the waiting jobs past their deadline as ERROR, released; their job ids."""
+        ended = []
+        for job_id, enqueued_at, deadline in await self._read(queue.expired, now, limit):
+            message = queue.EXPIRED.format(waited=round(now - enqueued_at), limit=round(deadline - enqueued_at))
+            if await self._write(queue.end_waiting, job_id, message, _update_job, iso_utc()):
+                ended.append(job_id)
+        return ended
+
+    async def queue_rows(self, team: str | None = None, limit: int = 100) -> list[QueueRow]:
+        return await self._read(queue.rows, team, limit)
+
+    async def reconcile_gate(self) -> tuple[int, int]:
+        """Recount the upstream slots held and the jobs waiting from the jobs themselves: (in flight, waiting)."""
+        return await self._write(queue.reconcile)
 
     # webhooks
 
@@ -405,7 +453,13 @@ def team_in(name: str) -> Tx[Team]:
     return Team(*row)
 
 
-def _begin_submission(submission: Submission, hold: Hold | None, now: str) -> Tx[Receipt]:
+def _begin_submission(submission: Submission, hold: Hold | None, now: str,
+                      admission: Admission | None = None) -> Tx[Receipt]:
+    team = None
+    if admission is not None and hold is not None:
+        team = yield from team_in(submission.team)
+        if queue.counts(team, admission.rules):
+            yield from queue.lock_gate()
     claims = submission.cache == "MISS" and submission.fingerprint is not None
     inserted = yield from one("INSERT INTO jobs (model, params, status, created_at, updated_at, fingerprint, "
                               "claims_fingerprint) VALUES (?, ?, 'SUBMITTING', ?, ?, ?, ?) ON CONFLICT DO NOTHING "
@@ -421,10 +475,16 @@ def _begin_submission(submission: Submission, hold: Hold | None, now: str) -> Tx
     yield from _insert_handle(submission, job_id, now)
     if hold is None:
         return Receipt(job_id)
-    team = yield from team_in(submission.team)
+    team = team or (yield from team_in(submission.team))
+    place = None
+    if admission is not None:  # before the money (the same lock order everywhere)
+        place = yield from queue.admit(team, submission.user, job_id, submission.handle, submission.model, admission)
     view, alert = yield from accounts.reserve(team=team, user=submission.user, hold=hold, job_id=job_id,
-                                              handle=submission.handle, model=submission.model, now=now)
-    return Receipt(job_id, view, alert)
+                                              handle=submission.handle, model=submission.model, now=now,
+                                              count_jobs=admission is None)
+    if place is not None and submission.webhook_url is not None:  # sync mode hears the local QUEUED too
+        yield from _notify(job_id, "QUEUED", now, handle=submission.handle)
+    return Receipt(job_id, view, alert, place)
 
 
 def _attach_handle(submission: Submission, job_id: int, saving: Saving, now: str) -> Tx[int]:
@@ -443,10 +503,11 @@ def _attach_handle(submission: Submission, job_id: int, saving: Saving, now: str
     return int(saved)
 
 
-def _mark_submitted(job_id: int, upstream_id: str, status: str, now: str, checked_at: float) -> Tx[None]:
+def _mark_submitted(job_id: int, upstream_id: str, status: str, now: str, checked_at: float,
+                    quiet: bool = False) -> Tx[None]:
     marked = yield from changed("UPDATE jobs SET upstream_id = ?, status = ?, updated_at = ?, checked_at = ? "
                                 "WHERE id = ? AND status = 'SUBMITTING'", upstream_id, status, now, checked_at, job_id)
-    if marked == 1:
+    if marked == 1 and not quiet:
         yield from _notify(job_id, status, now)
 
 
@@ -584,6 +645,15 @@ def _metric_figures(period_keys: dict[str, str]) -> Tx[dict[str, list[tuple[dict
                                              for model, status, count in counts if status in TERMINAL_STATUSES]
     (depth,) = yield from one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")
     figures["pixazo_proxy_webhook_outbox_depth"] = [({}, depth)]
+    waiting = {team: (count, oldest) for team, count, oldest in (yield from every(
+        "SELECT team, COUNT(*), MIN(enqueued_at) FROM queued_jobs GROUP BY team"))}
+    now = time.time()
+    queues = {team: waiting.get(team, (0, now)) for team in sorted(set(period_keys) | set(waiting))}  # 0s shown too
+    figures["pixazo_proxy_queue_depth"] = [({"team": team}, count) for team, (count, _) in queues.items()]
+    figures["pixazo_proxy_queue_oldest_wait_seconds"] = [({"team": team}, max(0.0, now - float(oldest)))
+                                                         for team, (_, oldest) in queues.items()]
+    (in_flight,) = yield from one("SELECT in_flight FROM upstream_gate WHERE id = 1")
+    figures["pixazo_proxy_upstream_slots_in_use"] = [({}, in_flight)]
     return figures
 
 
@@ -667,6 +737,6 @@ def handle_view(row: Any) -> HandleView:
 
 def reservation(row: Any) -> Reservation:
     (job_id, handle, team, user, model, period_key, amount, seconds, resolution, basis, state, created_at, params,
-     job_status, upstream_id) = row
+     job_status, upstream_id, since) = row
     return Reservation(job_id, handle, team, user, model, period_key, amount, seconds, resolution, basis, state,
-                       created_at, json.loads(params), job_status, upstream_id)
+                       created_at, json.loads(params), job_status, upstream_id, since)
