@@ -10,9 +10,11 @@ job SUBMITTING: the sweeper resolves it as a submit whose answer was lost, as fo
 What the upstream answers:
 
 * 202: the job is SUBMITTED (its handles already heard QUEUED; sync webhooks hear PROCESSING later);
-* 429: the job goes back to the head of its team's queue, and no submit goes upstream before ``Retry-After``
-  (or ``throttle_seconds``): no client sees the 429;
-* another refusal: the job ends as ERROR with the upstream's reason, released, never charged;
+* 429, or a 5xx (not accepted either, and may pass): the job goes back to the head of its team's queue, and no
+  submit goes upstream before ``Retry-After`` (or ``throttle_seconds``): no client sees it; a job that keeps
+  meeting them ends at ``max_wait_seconds`` like any waiting job;
+* another refusal (a 4xx: the request itself is refused): the job ends as ERROR with the upstream's reason,
+  released, never charged;
 * no connection (provably not sent): back to the queue, retried after a second; an answer lost: INDETERMINATE,
   resolved by the sweeper.
 """
@@ -114,18 +116,26 @@ class Dispatcher:
             logger.exception("dispatch of %s failed", job.handle)
 
     async def _submit(self, job: Dispatch) -> None:
-        model = self.catalog.models[job.model]
+        model = self.catalog.models.get(job.model)
+        if model is None:  # the catalog changed while it waited: provably never sent, so never charged
+            reason = f"the model {job.model} is no longer in the gateway's catalog"
+            message = f"This queued request was never sent: {reason}; it is not charged"
+            await self.store.update_job(job.job_id, JobUpdate("ERROR", None, message, _stamp(), _stamp(), time.time()),
+                                        Decision.release(reason[:200]))
+            self.metrics.child(self.metrics.queue_ended, job.team, "refused").inc()
+            return
         started = time.time()
         try:
             body = await self.upstream.submit(model.path, job.params)
         except UpstreamRefused as refused:
-            if refused.status == 429:
+            if refused.status == 429 or refused.status >= 500:  # not accepted, and worth trying again later
                 until = pause_from(refused.headers.get("Retry-After"), self.rules.throttle_seconds, time.time())
                 await self.store.requeue(job, until)
-                self.metrics.upstream_throttled.inc()
-                logger.info("upstream said 429 to queued %s: back to the head of its queue, submits paused %.1f s",
-                            job.handle, until - time.time(), extra={"event": "queue.throttled", "handle": job.handle,
-                                                                    "team": job.team})
+                if refused.status == 429:
+                    self.metrics.upstream_throttled.inc()
+                logger.info("upstream said %d to queued %s: back to the head of its queue, submits paused %.1f s",
+                            refused.status, job.handle, until - time.time(),
+                            extra={"event": "queue.throttled", "handle": job.handle, "team": job.team})
                 return
             reason = f"HTTP {refused.status}: {refused.message}"
             await self.store.update_job(job.job_id, JobUpdate("ERROR", None, REFUSED.format(reason=reason),

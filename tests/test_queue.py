@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from proxy.queueing import fairness_bound
 from proxy.simulator import Fault, Simulator
 from tests.conftest import (
+    REFERENCE_PATH,
     TEXT_PATH,
     Gateway,
     Receiver,
@@ -371,3 +373,60 @@ def test_the_shipped_upstream_policy_counts_no_account_limit_until_one_is_set(tm
         False, 10_000, 1_000, 3600.0)
     limited = load_queue_rules(policies_with(tmp_path, upstream="account: max_in_flight = 8\naccount: submits_per_second = 4"))
     assert (limited.max_in_flight, limited.interval, limited.limits_upstream) == (8, 0.25, True)
+
+
+async def test_a_queued_job_the_upstream_refuses_ends_released_and_a_5xx_is_tried_again(start_gateway,
+                                                                                       simulator: Simulator,
+                                                                                       tmp_path) -> None:
+    gateway = await start_gateway(teams={"design": {"budget_limit_micros": BUDGET, "max_concurrent_jobs": 1}},
+                                  policies_dir=queue_policies(tmp_path, account="throttle_seconds = 0.2"))
+    simulator.settings.processing_seconds = 0.3
+    await submit(gateway, "runs first")
+    refused = (await submit(gateway, "refused when sent"))[1]["request_id"]
+    retried = (await submit(gateway, "meets a 503 once"))[1]["request_id"]
+    simulator.add_fault(Fault(op="submit", status=400))  # the next send: the upstream refuses the request itself
+    await until(lambda: len(simulator.calls_of("submit")) == 2, timeout=10)
+    simulator.add_fault(Fault(op="submit", status=503))  # the one after: unavailable, not accepted
+
+    ended = await wait_for_status(gateway, refused, TERMINAL, timeout=10)
+    done = await wait_for_status(gateway, retried, TERMINAL, timeout=15)
+
+    assert ended["status"] == "ERROR" and "refused this queued request" in ended["error"]
+    assert "not charged" in ended["error"]
+    assert done["status"] == "COMPLETED"
+    assert len(simulator.calls_of("submit")) == 4 and len(simulator.jobs) == 2  # 400, 503, then sent again
+    await until(lambda: books_closed(gateway))
+    assert spent(gateway, "design") == (2 * PRICE, 0)
+    assert gateway.sql("SELECT kind, spent_delta FROM ledger WHERE handle = ? ORDER BY id", refused) == [
+        ("reserve", 0), ("release", 0)]
+
+
+async def test_a_waiting_job_whose_model_left_the_catalog_ends_released_not_sent(
+        db_location: str, processes, simulator: Simulator, tmp_path) -> None:
+    await create_teams(db_location, {"design": BUDGET})
+    policies = queue_policies(tmp_path, account="max_in_flight = 1")
+    simulator.settings.processing_seconds = 60
+    gateway = await asyncio.to_thread(processes, db_location, policies)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.url + TEXT_PATH, json={"prompt": "holds the slot"}, headers=team_auth("design")):
+            pass
+        async with http.post(gateway.url + REFERENCE_PATH, json={"prompt": "waits", "reference_image_urls": [
+                "https://example.com/a.png"]}, headers=team_auth("design")) as response:
+            waiting = await response.json()
+            assert (response.status, waiting["status"]) == (202, "QUEUED"), waiting
+    await asyncio.to_thread(gateway.kill)
+    trimmed = tmp_path / "trimmed"
+    shutil.copytree(policies, trimmed)
+    models = (trimmed / "models.toml").read_text()
+    (trimmed / "models.toml").write_text(models[:models.index("[models.grok-imagine-video-reference-to-video]")])
+    for job_id in list(simulator.jobs):
+        simulator.finish(job_id, "COMPLETED")
+    restarted = await asyncio.to_thread(processes, db_location, trimmed)
+
+    ended = await _until_ended(restarted.url, waiting["request_id"])
+
+    assert ended["status"] == "ERROR" and "never sent" in ended["error"] and "not charged" in ended["error"]
+    assert len(simulator.calls_of("submit")) == 1
+    db = Peek(db_location)
+    await until(lambda: db.rows("SELECT COUNT(*) FROM reservations WHERE state = 'open'") == [(0,)], timeout=10)
+    assert await ledger_mismatches(db_location) == []
