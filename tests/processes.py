@@ -58,3 +58,13 @@ class GatewayProcess:
             self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=15)
         return self.stderr()
+
+
+def stop_all(started: list[GatewayProcess]) -> None:
+    """SIGTERM every process still running; print what each logged at ERROR (shown with a failing test's report)."""
+    for process in started:
+        if process.process is not None and process.process.poll() is None:
+            process.stop()
+        errors = [line for line in process.stderr().splitlines() if '"level": "error"' in line]
+        if errors:
+            print(f"gateway on port {process.port} logged errors:", *errors[:20], sep="\n")

@@ -31,7 +31,7 @@ from tests.conftest import (
     wait_for_status,
 )
 from tests.databases import Peek
-from tests.processes import GatewayProcess
+from tests.processes import GatewayProcess, stop_all
 
 PRICE = 420_000  # the default text-to-video submit: 6 s at 720p
 TERMINAL = {"COMPLETED", "FAILED", "ERROR"}
@@ -290,17 +290,12 @@ async def processes(simulator: Simulator):
     started: list[GatewayProcess] = []
 
     def start(db: str, policies: Path) -> GatewayProcess:
-        process = GatewayProcess(db, simulator.url, policies, PROXY_STATUS_REFRESH_SECONDS="0.05").start()  # type: ignore[attr-defined]
+        process = GatewayProcess(db, simulator.url, policies).start()  # type: ignore[attr-defined]
         started.append(process)
         return process
 
     yield start
-    for process in started:
-        if process.process is not None and process.process.poll() is None:
-            await asyncio.to_thread(process.stop)
-        errors = [line for line in process.stderr().splitlines() if '"level": "error"' in line]
-        if errors:  # shown with the failure a test reports, if any
-            print(f"gateway on port {process.port} logged errors:", *errors[:10], sep="\n")
+    await asyncio.to_thread(stop_all, started)
 
 
 async def test_two_processes_on_one_store_never_exceed_the_account_and_send_each_job_once(

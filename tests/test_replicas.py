@@ -23,7 +23,7 @@ from proxy.simulator import Fault, Simulator
 from proxy.store.factory import store_at
 from tests.conftest import POLICIES, TEXT_PATH, Receiver, auth, create_teams, ledger_mismatches, policies_with
 from tests.databases import Peek, ThrowawayCluster, wait_until_accepting, with_database
-from tests.processes import GatewayProcess
+from tests.processes import GatewayProcess, stop_all
 
 PRICE = 420_000  # the default text-to-video submit: 6 s at 720p
 
@@ -56,12 +56,7 @@ async def replicas(simulator: Simulator) -> AsyncIterator[Replicas]:
         return found
 
     yield start
-    for process in started:
-        if process.process is not None and process.process.poll() is None:
-            await asyncio.to_thread(process.stop)
-        errors = [line for line in process.stderr().splitlines() if '"level": "error"' in line]
-        if errors:  # shown with the failure a test reports, if any
-            print(f"gateway on port {process.port} logged errors:", *errors[:20], sep="\n")
+    await asyncio.to_thread(stop_all, started)
 
 
 async def _spread(urls: list[str], count: int, body: Callable[[int], dict[str, Any]],

@@ -84,7 +84,7 @@ def _console_tables(money: str, serial: str) -> str:
 
 
 def _queue_tables(real: str) -> str:
-    """The local queue's tables, in the backend's type for seconds since the epoch."""
+    """The local queue's tables (in the backend's type for seconds since the epoch) and the columns it adds."""
     return f"""
     CREATE TABLE queued_jobs (
         job_id BIGINT PRIMARY KEY REFERENCES jobs (id),
@@ -110,6 +110,13 @@ def _queue_tables(real: str) -> str:
         fair_clock BIGINT NOT NULL DEFAULT 0
     );
     INSERT INTO upstream_gate (id) VALUES (1);
+    ALTER TABLE teams ADD COLUMN weight INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE teams ADD COLUMN on_limit TEXT NOT NULL DEFAULT 'queue';
+    ALTER TABLE jobs ADD COLUMN holds_slot INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN sent_at TEXT;
+    DROP INDEX jobs_live_fingerprint;
+    CREATE UNIQUE INDEX jobs_live_fingerprint ON jobs (fingerprint)
+        WHERE claims_fingerprint = 1 AND status IN ('SUBMITTING', 'QUEUED', 'PROCESSING', 'INDETERMINATE', 'WAITING');
     """
 
 
@@ -338,13 +345,6 @@ MIGRATIONS: list[str] = [
     # it ends, released by trigger in the same transaction) and keeps the rate's schedule and the fair clock; a
     # WAITING job's fingerprint is live, so identical submits join it.
     _queue_tables("REAL") + """
-    ALTER TABLE teams ADD COLUMN weight INTEGER NOT NULL DEFAULT 1;
-    ALTER TABLE teams ADD COLUMN on_limit TEXT NOT NULL DEFAULT 'queue';
-    ALTER TABLE jobs ADD COLUMN holds_slot INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE jobs ADD COLUMN sent_at TEXT;
-    DROP INDEX jobs_live_fingerprint;
-    CREATE UNIQUE INDEX jobs_live_fingerprint ON jobs (fingerprint)
-        WHERE claims_fingerprint = 1 AND status IN ('SUBMITTING', 'QUEUED', 'PROCESSING', 'INDETERMINATE', 'WAITING');
     CREATE TRIGGER jobs_free_slot AFTER UPDATE OF status ON jobs
         WHEN old.holds_slot = 1 AND new.status IN ('COMPLETED', 'FAILED', 'ERROR', 'REJECTED', 'WAITING')
     BEGIN
@@ -547,13 +547,6 @@ POSTGRES_MIGRATIONS: list[str] = [
     """,
     # 3: the local queue (SQLite's 9).
     _queue_tables("DOUBLE PRECISION") + """
-    ALTER TABLE teams ADD COLUMN weight INTEGER NOT NULL DEFAULT 1;
-    ALTER TABLE teams ADD COLUMN on_limit TEXT NOT NULL DEFAULT 'queue';
-    ALTER TABLE jobs ADD COLUMN holds_slot INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE jobs ADD COLUMN sent_at TEXT;
-    DROP INDEX jobs_live_fingerprint;
-    CREATE UNIQUE INDEX jobs_live_fingerprint ON jobs (fingerprint)
-        WHERE claims_fingerprint = 1 AND status IN ('SUBMITTING', 'QUEUED', 'PROCESSING', 'INDETERMINATE', 'WAITING');
     CREATE FUNCTION jobs_free_slot() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         UPDATE upstream_gate SET in_flight = in_flight - 1 WHERE id = 1;
