@@ -21,9 +21,9 @@ from typing import Any
 from ..errors import Conflict, TooManyRequests
 from ..queueing import CLIENT_STATUS, WAITING, QueueRules, WaitingTeam, next_team, stride
 from . import Admission, Decision, Dispatch, JobUpdate, QueuePlace, QueueRow, Team
+from .accounts import CONCURRENCY_RETRY_AFTER_SECONDS
 from .sql import Sql, Tx, changed, every, one
 
-CONCURRENCY_RETRY_AFTER_SECONDS = 5
 QUEUE_FULL_RETRY_AFTER_SECONDS = 30
 #: The statuses a job holds an upstream slot in (sent, or being sent, and not ended).
 SENT = ("SUBMITTING", "QUEUED", "PROCESSING", "INDETERMINATE")
