@@ -55,7 +55,9 @@ async def test_metrics_after_a_known_sequence(start_gateway, simulator: Simulato
     assert value(samples, "pixazo_proxy_requests_total", route=SUBMIT_ROUTE, model=T2V, team="design", status_class="2xx") == 5
     assert value(samples, "pixazo_proxy_requests_total", route=SUBMIT_ROUTE, model=T2V, team="design", status_class="4xx") == 1
     assert value(samples, "pixazo_proxy_upstream_throttled_total") == 1  # E's 429: absorbed, no client saw it
-    assert value(samples, "pixazo_proxy_queue_admitted_total", team="design") == 1
+    assert value(samples, "pixazo_proxy_queue_admitted_total", team="design") == 2  # E, and C during E's pause
+    assert value(samples, "pixazo_proxy_queue_dispatches_total", team="design") == 1  # C
+    assert value(samples, "pixazo_proxy_queue_wait_seconds_count", team="design") == 1
     assert value(samples, "pixazo_proxy_queue_ended_total", team="design", reason="cancelled") == 1
     assert value(samples, "pixazo_proxy_upstream_slots_in_use") == 0
     assert value(samples, "pixazo_proxy_request_duration_seconds_count", route=SUBMIT_ROUTE) == 6

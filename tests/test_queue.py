@@ -425,3 +425,21 @@ async def test_a_waiting_job_whose_model_left_the_catalog_ends_released_not_sent
     db = Peek(db_location)
     await until(lambda: db.rows("SELECT COUNT(*) FROM reservations WHERE state = 'open'") == [(0,)], timeout=10)
     assert await ledger_mismatches(db_location) == []
+
+
+async def test_while_an_upstream_429_pauses_submits_a_new_submit_waits_instead_of_pressing_on(
+        start_gateway, simulator: Simulator, tmp_path) -> None:
+    gateway = await start_gateway(policies_dir=queue_policies(tmp_path))  # no account limits configured
+    simulator.add_fault(Fault(op="submit", status=429, retry_after="2"))
+    throttled = await submit(gateway, "meets the 429")
+
+    later = await submit(gateway, "arrives during the pause")
+
+    assert [(code, body["status"]) for code, body, _ in (throttled, later)] == [(202, "QUEUED")] * 2
+    assert later[2]["X-Proxy-Queue-Position"] == "2"  # behind the throttled one, its team's head
+    assert len(simulator.calls_of("submit")) == 1  # the pause held it back: the upstream was not asked again
+    for _, body, _ in (throttled, later):
+        assert (await wait_for_status(gateway, body["request_id"], TERMINAL, timeout=15))["status"] == "COMPLETED"
+    assert len(simulator.calls_of("submit")) == 3 and len(simulator.jobs) == 2
+    await until(lambda: books_closed(gateway))
+    assert spent(gateway, "design") == (2 * PRICE, 0)

@@ -67,21 +67,38 @@ def lock_gate() -> Tx[None]:
 
 
 def counts(team: Team, rules: QueueRules) -> bool:
-    """Whether a submit of ``team`` is counted at the gate (so its transaction locks the gate row first)."""
+    """Whether every submit of ``team`` is counted at the gate (its transaction locks the gate row first)."""
     return rules.limits_upstream or team.max_concurrent_jobs is not None
 
 
-def admit(team: Team, user: str, job_id: int, handle: str, model: str, admission: Admission) -> Tx[QueuePlace | None]:
+def gated(team: Team, rules: QueueRules, now: float) -> Tx[bool]:
+    """Whether this submit goes through the gate: always when it is counted; otherwise only while submits are
+    paused after an upstream 429 (one read of the gate row), so a pause holds back every submit, not only the
+    jobs that met the 429. Read before anything is locked; the caller then locks the gate first."""
+    if counts(team, rules):
+        return True
+    row = yield from one("SELECT next_send FROM upstream_gate WHERE id = 1")
+    return row is not None and row[0] > now
+
+
+def _paused(now: float) -> Tx[bool]:
+    (next_send,) = yield from one("SELECT next_send FROM upstream_gate WHERE id = 1")
+    return bool(next_send > now)
+
+
+def admit(team: Team, user: str, job_id: int, handle: str, model: str, admission: Admission,
+          through_gate: bool) -> Tx[QueuePlace | None]:
     """Decide, in the submission's transaction, whether job ``job_id`` (its money reserved next) is sent now
     (None; with the account's limits counted, it then holds a slot) or waits in the queue (its place).
 
     A team at its own ``max_concurrent_jobs`` waits, or is refused with 429 if its ``on_limit`` is ``refuse``;
     with the account's limits counted, a submit waits whenever anyone waits (so nobody jumps the queue) or there
-    is no room. A full queue refuses with 429 (the transaction then rolls back, reservation and all).
+    is no room; while submits are paused after an upstream 429, every submit waits. A full queue refuses with 429
+    (the transaction then rolls back, reservation and all). ``through_gate``: what :func:`gated` said.
     """
     rules = admission.rules
-    if not counts(team, rules):
-        return None  # nothing to count: the common case costs no statement
+    if not through_gate:
+        return None  # nothing to count, no pause: the common case
     (team_waiting,) = yield from one("SELECT COUNT(*) FROM queued_jobs WHERE team = ?", team.name)
     at_limit = False
     if team.max_concurrent_jobs is not None:
@@ -93,8 +110,9 @@ def admit(team: Team, user: str, job_id: int, handle: str, model: str, admission
                 headers={"Retry-After": str(CONCURRENCY_RETRY_AFTER_SECONDS)})
     if not at_limit and team_waiting == 0:
         if not rules.limits_upstream:
-            return None
-        if (yield from _take_slot(rules, admission.now, only_if_none_wait=True)):
+            if not (yield from _paused(admission.now)):
+                return None
+        elif (yield from _take_slot(rules, admission.now, only_if_none_wait=True)):
             yield Sql("UPDATE jobs SET holds_slot = 1 WHERE id = ?", (job_id,))
             return None
     (queued,) = yield from one("SELECT queued FROM upstream_gate WHERE id = 1")

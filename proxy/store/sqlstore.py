@@ -456,9 +456,11 @@ def team_in(name: str) -> Tx[Team]:
 def _begin_submission(submission: Submission, hold: Hold | None, now: str,
                       admission: Admission | None = None) -> Tx[Receipt]:
     team = None
+    through_gate = False
     if admission is not None and hold is not None:
         team = yield from team_in(submission.team)
-        if queue.counts(team, admission.rules):
+        through_gate = yield from queue.gated(team, admission.rules, admission.now)
+        if through_gate:
             yield from queue.lock_gate()
     claims = submission.cache == "MISS" and submission.fingerprint is not None
     inserted = yield from one("INSERT INTO jobs (model, params, status, created_at, updated_at, fingerprint, "
@@ -478,7 +480,8 @@ def _begin_submission(submission: Submission, hold: Hold | None, now: str,
     team = team or (yield from team_in(submission.team))
     place = None
     if admission is not None:  # before the money (the same lock order everywhere)
-        place = yield from queue.admit(team, submission.user, job_id, submission.handle, submission.model, admission)
+        place = yield from queue.admit(team, submission.user, job_id, submission.handle, submission.model, admission,
+                                       through_gate)
     view, alert = yield from accounts.reserve(team=team, user=submission.user, hold=hold, job_id=job_id,
                                               handle=submission.handle, model=submission.model, now=now,
                                               count_jobs=admission is None)
