@@ -119,10 +119,7 @@ class Dispatcher:
         model = self.catalog.models.get(job.model)
         if model is None:  # the catalog changed while it waited: provably never sent, so never charged
             reason = f"the model {job.model} is no longer in the gateway's catalog"
-            message = f"This queued request was never sent: {reason}; it is not charged"
-            await self.store.update_job(job.job_id, JobUpdate("ERROR", None, message, _stamp(), _stamp(), time.time()),
-                                        Decision.release(reason[:200]))
-            self.metrics.child(self.metrics.queue_ended, job.team, "refused").inc()
+            await self._end_unsent(job, f"This queued request was never sent: {reason}; it is not charged", reason)
             return
         started = time.time()
         try:
@@ -138,10 +135,8 @@ class Dispatcher:
                             extra={"event": "queue.throttled", "handle": job.handle, "team": job.team})
                 return
             reason = f"HTTP {refused.status}: {refused.message}"
-            await self.store.update_job(job.job_id, JobUpdate("ERROR", None, REFUSED.format(reason=reason),
-                                                              _stamp(), _stamp(), time.time()),
-                                        Decision.release(f"refused upstream when sent from the queue ({reason})"[:200]))
-            self.metrics.child(self.metrics.queue_ended, job.team, "refused").inc()
+            await self._end_unsent(job, REFUSED.format(reason=reason),
+                                   f"refused upstream when sent from the queue ({reason})")
             return
         except UpstreamUnavailable as lost:
             if not lost.indeterminate:
@@ -158,6 +153,9 @@ class Dispatcher:
         self.metrics.child(self.metrics.queue_dispatches, job.team).inc()
         self.metrics.child(self.metrics.queue_wait, job.team).observe(max(0.0, started - job.enqueued_at))
 
-
-def _stamp() -> str:
-    return iso_utc()
+    async def _end_unsent(self, job: Dispatch, message: str, note: str) -> None:
+        """End a job that did not run upstream as ERROR with ``message``, its money released (``note``)."""
+        stamp = iso_utc()
+        await self.store.update_job(job.job_id, JobUpdate("ERROR", None, message, stamp, stamp, time.time()),
+                                    Decision.release(note[:200]))
+        self.metrics.child(self.metrics.queue_ended, job.team, "refused").inc()

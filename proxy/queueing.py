@@ -38,6 +38,9 @@ ON_LIMIT = ("queue", "refuse")
 #: X-Proxy-Priority: a team's own order among its waiting jobs (higher first), default 0.
 PRIORITY_HEADER = "X-Proxy-Priority"
 PRIORITY_RANGE = (-100, 100)
+#: Where a waiting job stands, on its 202 and its status polls: its place in its team's queue, and its wait so far.
+QUEUE_POSITION_HEADER = "X-Proxy-Queue-Position"
+QUEUE_WAIT_HEADER = "X-Proxy-Queue-Wait-Seconds"
 #: The handle status of a locally queued job, as the client sees it (the upstream's own word).
 CLIENT_STATUS = "QUEUED"
 #: The store's status of a job waiting in the local queue (never sent upstream yet).
@@ -125,6 +128,11 @@ class WaitingTeam:
     weight: int
     running: int  # its jobs sent and not ended
     max_concurrent: int | None
+
+    @property
+    def stride(self) -> int:
+        """What sending one of its jobs adds to its pass."""
+        return stride(self.weight)
 
 
 def next_team(teams: list[WaitingTeam]) -> WaitingTeam | None:

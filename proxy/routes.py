@@ -11,7 +11,7 @@ from .errors import ModelNotFound, NotFound
 from .metrics import metrics_handler
 from .observe import HANDLE, MODEL, TEAM, USER
 from .pipeline import SubmitContext
-from .queueing import WAITING
+from .queueing import QUEUE_POSITION_HEADER, QUEUE_WAIT_HEADER, WAITING
 from .services import SERVICES, Services
 from .values import ModelSpec
 from .views import status_body
@@ -19,8 +19,6 @@ from .views import status_body
 logger = logging.getLogger(__name__)
 
 MAX_HANDLE_LENGTH = 200
-QUEUE_POSITION_HEADER = "X-Proxy-Queue-Position"
-QUEUE_WAIT_HEADER = "X-Proxy-Queue-Wait-Seconds"
 
 
 def submit_handler(model: ModelSpec) -> Any:

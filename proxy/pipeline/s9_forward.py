@@ -23,12 +23,10 @@ from ..clock import new_request_id
 from ..errors import BadRequest, Conflict, StoreUnavailable, UpstreamRefused, UpstreamUnavailable
 from ..metrics import Metrics
 from ..money import micros_to_usd
-from ..queueing import PRIORITY_HEADER, QueueRules, pause_from, priority_problem
+from ..queueing import PRIORITY_HEADER, QUEUE_POSITION_HEADER, QueueRules, pause_from, priority_problem
 from ..store import Admission, Dispatch, FingerprintTaken, QueuePlace, Store
 from ..upstream import Upstream, initial_status
 from . import Policy, StageNotRun, SubmitContext, accepted
-
-QUEUE_POSITION_HEADER = "X-Proxy-Queue-Position"
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +75,7 @@ class Record(Policy):
         if receipt.alert is not None:
             self.alerts.soft_limit(receipt.alert)
         if receipt.queued is not None:  # no room upstream, or the team is at its own limit: it waits, not sent
-            answer_queued(ctx, self.public_url, receipt.queued)
-            self.metrics.child(self.metrics.queue_admitted, ctx.caller.team.name).inc()
-            self.queued()
+            answer_queued(ctx, self.public_url, receipt.queued, self.metrics, self.queued)
 
     async def on_response(self, ctx: SubmitContext) -> None:
         if ctx.job_id is None or ctx.queued is not None:  # joined another's job, or waiting: nothing to mark yet
@@ -120,12 +116,16 @@ class Record(Policy):
                               "gateway resolves it; retry with the same Idempotency-Key to learn the outcome.")
 
 
-def answer_queued(ctx: SubmitContext, public_url: str, place: QueuePlace) -> None:
-    """Answer 202 QUEUED for a job that waits in the local queue, with its place in its team's queue."""
+def answer_queued(ctx: SubmitContext, public_url: str, place: QueuePlace, metrics: Metrics,
+                  poke: Callable[[], None]) -> None:
+    """Answer 202 QUEUED for a job that waits in the local queue, with its place in its team's queue; count it
+    and tell the dispatcher."""
     assert ctx.handle is not None
     ctx.queued = place
     ctx.response_headers[QUEUE_POSITION_HEADER] = str(place.position)
     ctx.response = accepted(public_url, ctx.handle, "QUEUED")
+    metrics.child(metrics.queue_admitted, ctx.caller.team.name).inc()
+    poke()
 
 
 class Forward(Policy):
@@ -161,13 +161,11 @@ class Forward(Policy):
         job = Dispatch(ctx.job_id, ctx.handle, principal.team, principal.user, ctx.model.id, ctx.params, now,
                        now + self.rules.max_wait_seconds, ctx.priority, 0)
         until = pause_from(refused.headers.get("Retry-After"), self.rules.throttle_seconds, now)
-        if not await self.store.requeue(job, until):
+        place = await self.store.requeue(job, until)
+        if place is None:
             return False
-        place = await self.store.queue_place(ctx.job_id)
-        answer_queued(ctx, self.public_url, place or QueuePlace(1, 0.0))
+        answer_queued(ctx, self.public_url, place, self.metrics, self.queued)
         self.metrics.upstream_throttled.inc()
-        self.metrics.child(self.metrics.queue_admitted, principal.team).inc()
-        self.queued()
         return True
 
 

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from ..errors import Conflict, TooManyRequests
-from ..queueing import CLIENT_STATUS, WAITING, QueueRules, WaitingTeam, next_team, stride
+from ..queueing import CLIENT_STATUS, WAITING, QueueRules, WaitingTeam, next_team
 from . import Admission, Decision, Dispatch, JobUpdate, QueuePlace, QueueRow, Team
 from .accounts import CONCURRENCY_RETRY_AFTER_SECONDS
 from .sql import Sql, Tx, changed, every, one
@@ -75,13 +75,11 @@ def gated(team: Team, rules: QueueRules, now: float) -> Tx[bool]:
     """Whether this submit goes through the gate: always when it is counted; otherwise only while submits are
     paused after an upstream 429 (one read of the gate row), so a pause holds back every submit, not only the
     jobs that met the 429. Read before anything is locked; the caller then locks the gate first."""
-    if counts(team, rules):
-        return True
-    row = yield from one("SELECT next_send FROM upstream_gate WHERE id = 1")
-    return row is not None and row[0] > now
+    return counts(team, rules) or (yield from _paused(now))
 
 
 def _paused(now: float) -> Tx[bool]:
+    """Whether submits are paused now (after an upstream 429)."""
     (next_send,) = yield from one("SELECT next_send FROM upstream_gate WHERE id = 1")
     return bool(next_send > now)
 
@@ -122,21 +120,24 @@ def admit(team: Team, user: str, job_id: int, handle: str, model: str, admission
         raise TooManyRequests(f"The gateway's queue is full ({which}); retry later",
                               headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_SECONDS)})
     yield Sql("UPDATE jobs SET status = ? WHERE id = ?", (WAITING, job_id))
+    return (yield from _enter_queue(job_id, handle, team.name, user, model, admission.priority, admission.now,
+                                    admission.now + rules.max_wait_seconds, team_waiting))
+
+
+def _enter_queue(job_id: int, handle: str, team: str, user: str, model: str, priority: int, enqueued_at: float,
+                 deadline: float, team_waiting: int) -> Tx[QueuePlace]:
+    """The queue row of a job just made WAITING, its team's pass if the team starts waiting now (at the fair
+    clock, or its own later pass, so an idle spell banks no turns), the gate's count; its place."""
     yield Sql("INSERT INTO queued_jobs (job_id, handle, team, user_id, model, priority, enqueued_at, deadline) "
-              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job_id, handle, team.name, user, model, admission.priority,
-                                                  admission.now, admission.now + rules.max_wait_seconds))
+              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job_id, handle, team, user, model, priority, enqueued_at, deadline))
     if team_waiting == 0:
-        yield from _start_waiting(team.name)
+        yield Sql("INSERT INTO queue_teams (team, pass) SELECT ?, fair_clock FROM upstream_gate WHERE id = 1 "
+                  "ON CONFLICT (team) DO UPDATE SET pass = CASE WHEN queue_teams.pass > excluded.pass "
+                  "THEN queue_teams.pass ELSE excluded.pass END", (team,))
     yield Sql("UPDATE upstream_gate SET queued = queued + 1 WHERE id = 1")
-    position = yield from place(job_id)
-    return position
-
-
-def _start_waiting(team: str) -> Tx[None]:
-    """A team starts waiting at the fair clock (or its own later pass), so an idle spell banks no turns."""
-    yield Sql("INSERT INTO queue_teams (team, pass) SELECT ?, fair_clock FROM upstream_gate WHERE id = 1 "
-              "ON CONFLICT (team) DO UPDATE SET pass = CASE WHEN queue_teams.pass > excluded.pass "
-              "THEN queue_teams.pass ELSE excluded.pass END", (team,))
+    found = yield from place(job_id)
+    assert found is not None  # its row was just written
+    return found
 
 
 def place(job_id: int) -> Tx[QueuePlace | None]:
@@ -187,33 +188,31 @@ def take_next(rules: QueueRules, now: float, sent_at: str) -> Tx[Dispatch | floa
     sent = yield from one("UPDATE jobs SET status = 'SUBMITTING', holds_slot = ?, sent_at = ?, updated_at = ? "
                           "WHERE id = ? AND status = ? RETURNING params",
                           1 if rules.limits_upstream else 0, sent_at, sent_at, job_id, WAITING)
-    yield Sql("UPDATE queue_teams SET pass = pass + ? WHERE team = ?", (stride(chosen.weight), chosen.team))
+    yield Sql("UPDATE queue_teams SET pass = pass + ? WHERE team = ?", (chosen.stride, chosen.team))
     yield Sql("UPDATE upstream_gate SET queued = queued - 1, fair_clock = ? WHERE id = 1", (chosen.pass_value,))
     if sent is None:  # not waiting after all (a repair by hand): its queue row is gone, look again
         return 0.0
     return Dispatch(int(job_id), str(handle), chosen.team, str(user), str(model), json.loads(sent[0]),
-                    float(enqueued_at), float(deadline), int(priority), stride(chosen.weight))
+                    float(enqueued_at), float(deadline), int(priority), chosen.stride)
 
 
-def requeue(dispatch: Dispatch, pause_until: float | None) -> Tx[bool]:
+def requeue(dispatch: Dispatch, pause_until: float | None) -> Tx[QueuePlace | None]:
     """Put a dispatched job back at the head of its team's queue (the upstream said 429, or provably never got it):
-    its slot is freed by the status change; with ``pause_until``, no submit goes before then."""
+    its slot is freed by the status change; with ``pause_until``, no submit goes before then. Its place, or None
+    if it was not being sent."""
     yield from lock_gate()
     back = yield from changed("UPDATE jobs SET status = ?, sent_at = NULL WHERE id = ? AND status = 'SUBMITTING'",
                               WAITING, dispatch.job_id)
     if back != 1:
-        return False
+        return None
     (team_waiting,) = yield from one("SELECT COUNT(*) FROM queued_jobs WHERE team = ?", dispatch.team)
-    if team_waiting == 0:
-        yield from _start_waiting(dispatch.team)
-    yield Sql("INSERT INTO queued_jobs (job_id, handle, team, user_id, model, priority, enqueued_at, deadline) "
-              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-              (dispatch.job_id, dispatch.handle, dispatch.team, dispatch.user, dispatch.model, dispatch.priority,
-               dispatch.enqueued_at, dispatch.deadline))
+    found = yield from _enter_queue(dispatch.job_id, dispatch.handle, dispatch.team, dispatch.user, dispatch.model,
+                                    dispatch.priority, dispatch.enqueued_at, dispatch.deadline, team_waiting)
     yield Sql("UPDATE queue_teams SET pass = pass - ? WHERE team = ?", (dispatch.stride, dispatch.team))
-    yield Sql("UPDATE upstream_gate SET queued = queued + 1, next_send = CASE WHEN next_send > ? THEN next_send "
-              "ELSE ? END WHERE id = 1", (pause_until or 0.0, pause_until or 0.0))
-    return True
+    if pause_until is not None:
+        yield Sql("UPDATE upstream_gate SET next_send = CASE WHEN next_send > ? THEN next_send ELSE ? END "
+                  "WHERE id = 1", (pause_until, pause_until))
+    return found
 
 
 def end_waiting(job_id: int, error: str, update_job: Any, now: str) -> Tx[bool]:

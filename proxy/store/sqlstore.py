@@ -276,7 +276,7 @@ class SqlStore:
             return None
         return await self._write(queue.take_next, rules, now, iso_utc())
 
-    async def requeue(self, dispatch: Dispatch, pause_until: float | None) -> bool:
+    async def requeue(self, dispatch: Dispatch, pause_until: float | None) -> QueuePlace | None:
         return await self._write(queue.requeue, dispatch, pause_until)
 
     async def queue_place(self, job_id: int) -> QueuePlace | None:
