@@ -17,6 +17,7 @@ import aiohttp
 
 from .metrics import Metrics
 from .money import micros_to_usd
+from .ops.stopping import StopBudget, stop_tasks
 from .store import SoftAlert
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,10 @@ RECENT_ALERTS = 1000
 
 
 class Alerts:
-    def __init__(self, metrics: Metrics, webhook_url: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, metrics: Metrics, webhook_url: str, *, timeout: float = 5.0,
+                 stop_budget: StopBudget | None = None) -> None:
         self.metrics = metrics
+        self.stop_budget = stop_budget or StopBudget(timeout)
         self.webhook_url = webhook_url
         self.timeout = timeout
         self.sent: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)  # the latest, for tests and the console
@@ -39,10 +42,11 @@ class Alerts:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
 
     async def close(self) -> None:
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self.timeout)
-        for task in self._tasks:
-            task.cancel()
+        if self._tasks:  # alerts on their way get what the stop allows, then are cancelled (and said so)
+            _, late = await asyncio.wait(set(self._tasks), timeout=min(self.timeout, self.stop_budget.left(reserve=1.5)))
+            if late:
+                logger.warning("%d operator alert(s) not delivered before the gateway stopped", len(late))
+            await stop_tasks(late, 0.5, "operator alert")
         if self._session is not None:
             await self._session.close()
 

@@ -8,7 +8,6 @@ bad policy file or setting fails start-up instead of a request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +30,7 @@ from .media import MediaStore
 from .metrics import Metrics, metrics_handler
 from .observe import observe_middleware
 from .openapi import build_openapi
+from .ops.stopping import InFlight, StopBudget, stop_tasks
 from .pipeline import Pipeline
 from .pipeline.s1_authenticate import Authenticate
 from .pipeline.s2_validate import Validate
@@ -61,6 +61,15 @@ logger = logging.getLogger(__name__)
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
+#: Seconds of the stop budget kept back, at each step of a stop, for the steps after it (see ``build_app``).
+AFTER_REQUESTS_SECONDS = 2.0
+AFTER_BACKGROUND_SECONDS = 1.0
+AFTER_CLIENTS_SECONDS = 0.5
+#: The least any one close is given, even when the budget is spent: a close that cannot start leaks.
+LEAST_CLOSE_SECONDS = 0.2
+#: How long the side servers (the metrics port, the in-process simulator) wait for their own requests at a stop.
+SIDE_SERVER_SHUTDOWN_SECONDS = 0.5  # aiohttp's own setting: up to twice this in all (httpserver.runner_shutdown_timeout)
+
 
 def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     """The gateway as an aiohttp application, ready for ``web.run_app`` or a test server.
@@ -79,6 +88,13 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         contexts.append(simulator_context)
 
     store = store_at(config.db_path, pool_size=config.db_pool_size)
+    # Stopping (SIGTERM, or a test server's close) takes at most config.shutdown_seconds, in this order: the
+    # listening sockets close; requests in flight get config.shutdown_request_seconds, then aiohttp cancels them
+    # and they record their outcome (a submit cut short mid-call stays reserved as indeterminate for the sweeper);
+    # background tasks are cancelled and waited for; clients close; the store closes last. Each step waits only
+    # for what is left of the one budget, less what the steps after it keep back.
+    stop_budget = StopBudget(config.shutdown_steps_seconds)
+    in_flight = InFlight()
     metrics = Metrics()
     metrics.policy_loaded.set_to_current_time()
     metrics.policy_models.set(len(catalog.models))
@@ -93,9 +109,9 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     prober = MediaProber(max_bytes=rules.probe_max_bytes, timeout=rules.probe_timeout_seconds,
                          allow_private=config.probe_allow_private, concurrency=rules.probe_concurrency)
     pricer = Pricer(prober, trust_input_probe=rules.trust_input_probe)
-    alerts = Alerts(metrics, config.alert_webhook_url)
+    alerts = Alerts(metrics, config.alert_webhook_url, stop_budget=stop_budget)
     dedup = Dedup(store, cache_rules, clock, metrics, config.base_url, rules.global_period)
-    dispatcher = Dispatcher(store, upstream, catalog, queue_rules, metrics)
+    dispatcher = Dispatcher(store, upstream, catalog, queue_rules, metrics, stop_budget)
     pipeline = Pipeline(
         [
             Authenticate(authenticator),
@@ -146,10 +162,8 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         # check reads the whole ledger (seconds at a million rows), and what it finds is for an operator to read.
         check = asyncio.create_task(_check_books(store), name="ledger check")
         yield
-        check.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await check
-        await store.close()
+        await stop_tasks([check], stop_budget.left(), "start-up check")
+        await store.close(within=max(LEAST_CLOSE_SECONDS, stop_budget.left()))
 
     async def open_clients(app: web.Application) -> AsyncIterator[None]:
         clients = (authenticator, upstream, prober, alerts, sender, *((media,) if media else ()))
@@ -157,27 +171,37 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
             await client.start()
         yield
         for client in reversed(clients):
-            await client.close()
+            try:
+                async with asyncio.timeout(max(LEAST_CLOSE_SECONDS, stop_budget.left(reserve=AFTER_CLIENTS_SECONDS))):
+                    await client.close()
+            except TimeoutError:
+                logger.error("%s did not close in time; left open", type(client).__name__,
+                             extra={"event": "shutdown.stuck", "task": type(client).__name__})
 
     async def run_background(app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(sweeper.run(), name="sweeper"), asyncio.create_task(tracker.run(), name="tracker"),
                  asyncio.create_task(sender.run(), name="webhooks"),
                  asyncio.create_task(dispatcher.run(), name="dispatcher")]
         yield
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        still = await in_flight.wait(stop_budget.left(reserve=AFTER_REQUESTS_SECONDS))
+        if still:
+            logger.warning("%d request(s) still in flight as the gateway stops", still, extra={"event": "shutdown.requests"})
+        await stop_tasks(tasks, stop_budget.left(reserve=AFTER_BACKGROUND_SECONDS), "background task")
+        await refresher.stop(max(LEAST_CLOSE_SECONDS, stop_budget.left(reserve=AFTER_BACKGROUND_SECONDS)))
 
     app = web.Application(
-        middlewares=[observe_middleware(metrics), error_middleware],
+        middlewares=[observe_middleware(metrics, in_flight), error_middleware],
         client_max_size=config.max_body_bytes,
         # Room for a token up to the configured limit (in a header, or a Bearer header), so a token of
         # PROXY_MAX_TOKEN_BYTES arrives and an oversized one gets our 401, not the parser's 400.
         handler_args={"max_field_size": config.max_token_bytes + 1024, "max_line_size": config.max_token_bytes + 1024},
     )
     app[SERVICES] = services
+
+    async def begin_stop(app: web.Application) -> None:
+        stop_budget.begin()
+
+    app.on_shutdown.append(begin_stop)
     app.cleanup_ctx.extend([*contexts, open_store, open_clients, run_background])
     if config.metrics_port:
         app.cleanup_ctx.append(_metrics_site(metrics, config.host, config.metrics_port))
@@ -214,7 +238,7 @@ def _metrics_site(metrics: Metrics, host: str, port: int) -> Context:
     async def serve(app: web.Application) -> AsyncIterator[None]:
         metrics_app = web.Application()
         metrics_app.router.add_get("/metrics", metrics_handler(metrics))
-        runner = web.AppRunner(metrics_app, access_log=None)
+        runner = web.AppRunner(metrics_app, access_log=None, shutdown_timeout=SIDE_SERVER_SHUTDOWN_SECONDS)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         logger.info("metrics on http://%s:%d/metrics", host, port)
@@ -237,7 +261,7 @@ def _in_process_simulator(config: Config, catalog: Catalog) -> tuple[Config, Con
     config = replace(config, upstream_url=f"http://127.0.0.1:{port}", upstream_key=Secret(settings.key))
 
     async def run_simulator(app: web.Application) -> AsyncIterator[None]:
-        runner = web.AppRunner(simulator.build_app(), access_log=None)
+        runner = web.AppRunner(simulator.build_app(), access_log=None, shutdown_timeout=SIDE_SERVER_SHUTDOWN_SECONDS)
         await runner.setup()
         await web.SockSite(runner, sock).start()
         logger.info("simulated upstream listening on http://127.0.0.1:%d", port)

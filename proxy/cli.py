@@ -165,10 +165,6 @@ def _serve(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else int(os.environ.get("PROXY_WORKERS", "1") or "1")
     if workers < 1 or workers > 64:
         raise CommandError("--workers must be from 1 to 64")
-    if workers > 1:
-        from .workers import supervise
-
-        return supervise(workers, sys.argv[1:])
     config = load_config(
         host=args.host,
         port=args.port,
@@ -179,16 +175,20 @@ def _serve(args: argparse.Namespace) -> int:
         simulate=args.simulate,
         metrics_port=args.metrics_port,
     )
+    if workers > 1:  # the config is checked once here, so a bad setting fails once, not in every worker
+        from .workers import supervise
+
+        return supervise(workers, sys.argv[1:], stop_seconds=config.shutdown_seconds)
     configure_logging(config.log_level, config.log_format)
     app = build_app(config)
     logger.info(
         "pixazo-proxy listening on %s (upstream: %s)", config.base_url,
         "in-process simulator" if config.simulate else config.upstream_url,
     )
-    # SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to 30 s), then run the
-    # cleanup contexts: background tasks stop, clients close, the store closes last.
-    run(app, host=config.host, port=config.port, loop=_event_loop(config), shutdown_timeout=30,
-        reuse_port=os.environ.get(WORKER_ENV) is not None)
+    # SIGTERM/SIGINT: stop accepting, let in-flight requests finish (half of PROXY_SHUTDOWN_SECONDS), then run
+    # the cleanup contexts: background tasks stop, clients close, the store closes last; all within the bound.
+    run(app, host=config.host, port=config.port, loop=_event_loop(config),
+        request_seconds=config.shutdown_request_seconds, reuse_port=os.environ.get(WORKER_ENV) is not None)
     logger.info("pixazo-proxy stopped", extra={"event": "shutdown"})
     return 0
 

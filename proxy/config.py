@@ -26,6 +26,13 @@ def default_policies_dir() -> Path:
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"})
 MIN_JWT_SECRET_LENGTH = 32
+#: PROXY_SHUTDOWN_SECONDS: the longest a stop may take, SIGTERM to exit (docs/operations.md). Below 2 s the steps
+#: after the requests in flight (background tasks, clients, the store) have no room; above 10 minutes a rolling
+#: update would rather kill.
+MIN_SHUTDOWN_SECONDS = 2.0
+MAX_SHUTDOWN_SECONDS = 600.0
+#: Of PROXY_SHUTDOWN_SECONDS, what is kept for the process to exit once its steps are done.
+EXIT_SECONDS = 0.5
 
 
 class ConfigError(ValueError):
@@ -94,12 +101,23 @@ class Config:
     alert_webhook_url: str = ""
     event_loop: str = "auto"
     console_session_seconds: float = 8 * 3600.0
+    shutdown_seconds: float = 10.0
 
     @property
     def uses_uvloop(self) -> bool:
         """Serve on uvloop: asked for, or ``auto`` and installed (``pixazo-proxy[fast]``)."""
         installed = importlib.util.find_spec("uvloop") is not None
         return self.event_loop == "uvloop" or (self.event_loop == "auto" and installed)
+
+    @property
+    def shutdown_steps_seconds(self) -> float:
+        """Of ``shutdown_seconds``, what the stop's own steps may take: the rest is the interpreter's exit."""
+        return self.shutdown_seconds - EXIT_SECONDS
+
+    @property
+    def shutdown_request_seconds(self) -> float:
+        """Of those, how long requests in flight may take to finish before they are cancelled."""
+        return self.shutdown_steps_seconds / 2
 
     @property
     def base_url(self) -> str:
@@ -175,6 +193,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "alert_webhook_url": ("PROXY_ALERT_WEBHOOK_URL", _text),
     "event_loop": ("PROXY_EVENT_LOOP", lambda v: v.strip().lower()),
     "console_session_seconds": ("PROXY_CONSOLE_SESSION_SECONDS", _positive_float),
+    "shutdown_seconds": ("PROXY_SHUTDOWN_SECONDS", _positive_float),
 }
 
 
@@ -255,5 +274,7 @@ def check_config(config: Config) -> None:
         raise ConfigError("PROXY_EVENT_LOOP must be auto, asyncio or uvloop")
     if config.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError("PROXY_EVENT_LOOP is uvloop but uvloop is not installed: pip install 'pixazo-proxy[fast]'")
+    if not MIN_SHUTDOWN_SECONDS <= config.shutdown_seconds <= MAX_SHUTDOWN_SECONDS:
+        raise ConfigError(f"PROXY_SHUTDOWN_SECONDS must be from {MIN_SHUTDOWN_SECONDS:g} to {MAX_SHUTDOWN_SECONDS:g}")
     if config.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ConfigError("PROXY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")

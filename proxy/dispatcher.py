@@ -22,7 +22,6 @@ What the upstream answers:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -31,6 +30,7 @@ from .catalog import Catalog
 from .clock import iso_utc
 from .errors import StoreUnavailable, UpstreamRefused, UpstreamUnavailable
 from .metrics import Metrics
+from .ops.stopping import StopBudget, stop_tasks, wait_event
 from .queueing import QueueRules, pause_from
 from .store import Decision, Dispatch, JobUpdate, Store
 from .store.queue import REFUSED
@@ -42,11 +42,15 @@ DISPATCHER_LEASE = "dispatcher"
 LEASE_SECONDS = 3.0
 EXPIRY_EVERY_SECONDS = 1.0
 UNSENT_RETRY_SECONDS = 1.0
+#: How long a send cancelled at shutdown may take to unwind.
+SEND_CANCEL_SECONDS = 0.5
 
 
 class Dispatcher:
-    def __init__(self, store: Store, upstream: Upstream, catalog: Catalog, rules: QueueRules, metrics: Metrics) -> None:
+    def __init__(self, store: Store, upstream: Upstream, catalog: Catalog, rules: QueueRules, metrics: Metrics,
+                 stop_budget: StopBudget) -> None:
         self.store = store
+        self.stop_budget = stop_budget
         self.upstream = upstream
         self.catalog = catalog
         self.rules = rules
@@ -85,12 +89,24 @@ class Dispatcher:
                 except Exception:
                     logger.exception("queue dispatch failed; retrying")
                 timeout = self.rules.poll_seconds if wait is None else max(0.001, min(wait, self.rules.poll_seconds))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                await wait_event(self._wake, timeout)  # not asyncio.wait_for: on 3.11 it could swallow the cancel
                 self._wake.clear()
         finally:
-            if self._sending:  # let submits in flight record their answer, so none is left SUBMITTING
-                await asyncio.wait(set(self._sending), timeout=self.upstream.timeout_seconds)
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """On stopping: let sends in flight record their answer while the stop budget allows, then cancel the rest.
+
+        A send cancelled before its answer leaves its job SUBMITTING and reserved, never half-written: the sweeper
+        resolves it as a submit whose answer was lost, as after a crash.
+        """
+        if not self._sending:
+            return
+        _, late = await asyncio.wait(set(self._sending), timeout=self.stop_budget.left(reserve=SEND_CANCEL_SECONDS + 1))
+        if late:
+            logger.warning("%d queued job(s) were being sent as the gateway stopped; their answer is left to the "
+                           "sweeper", len(late), extra={"event": "queue.send_cancelled"})
+            await stop_tasks(late, SEND_CANCEL_SECONDS, "queued send")
 
     async def _dispatch_all(self) -> float | None:
         while True:

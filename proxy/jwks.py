@@ -31,12 +31,15 @@ from typing import Any
 import aiohttp
 import jwt
 
+from .ops.stopping import stop_tasks
 from .ttlcache import TtlCache
 
 logger = logging.getLogger(__name__)
 
 MAX_JWKS_BYTES = 1024 * 1024
 MAX_UNKNOWN_KIDS = 10_000
+#: How long a fetch cancelled at shutdown may take to unwind.
+FETCH_CANCEL_SECONDS = 1.0
 
 #: Which JWK key type (and curve) each JWS algorithm needs: a token must not be checked with a key of another kind.
 KEY_TYPES: dict[str, tuple[str, str | None]] = {
@@ -73,8 +76,7 @@ class JwksKeys:
 
     async def close(self) -> None:
         if self._fetch is not None:
-            self._fetch.cancel()
-            await asyncio.gather(self._fetch, return_exceptions=True)
+            await stop_tasks([self._fetch], FETCH_CANCEL_SECONDS, "JWKS fetch")
         if self._session is not None:
             await self._session.close()
 

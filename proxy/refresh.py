@@ -18,6 +18,7 @@ from typing import Any
 
 from .clock import iso_utc
 from .errors import ProxyError
+from .ops.stopping import stop_tasks
 from .settle import Settler
 from .store import TERMINAL_STATUSES, HandleView, JobUpdate, Store
 from .upstream import Upstream
@@ -52,7 +53,7 @@ class StatusRefresher:
         self.upstream = upstream
         self.settler = settler
         self.interval = interval_seconds
-        self._in_flight: dict[int, asyncio.Future[str | None]] = {}
+        self._in_flight: dict[int, asyncio.Task[str | None]] = {}
 
     def _due(self, view: HandleView) -> bool:
         """Worth trying for the lease: running, and not checked within the interval as far as the view says."""
@@ -80,10 +81,19 @@ class StatusRefresher:
             if flight is None:
                 return SKIPPED
         if flight is None:
-            flight = asyncio.ensure_future(self._fetch(job_id, upstream_id))
+            flight = asyncio.create_task(self._fetch(job_id, upstream_id), name=f"refresh of job {job_id}")
             self._in_flight[job_id] = flight
             flight.add_done_callback(lambda _: self._in_flight.pop(job_id, None))
         return await asyncio.shield(flight)
+
+    async def stop(self, seconds: float) -> None:
+        """Cancel the fetches under way and wait up to ``seconds`` for them to end.
+
+        A fetch outlives whoever awaited it (a poll, the tracker, the sweeper: each waits through a shield), so
+        stopping them is this object's job. Cancelled before its answer is applied, a fetch writes nothing; the
+        job is simply asked about again after the restart.
+        """
+        await stop_tasks(list(self._in_flight.values()), seconds, "status refresh")
 
     async def _fetch(self, job_id: int, upstream_id: str) -> str | None:
         now = time.time()

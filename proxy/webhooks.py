@@ -40,6 +40,7 @@ from .errors import BadRequest, StoreUnavailable
 from .headers import retry_after as retry_after_header
 from .metrics import Metrics
 from .netguard import BlockedAddress, check_literal_host, is_public_address, literal_address, outbound_session
+from .ops.stopping import stop_tasks, wait_event
 from .policyfile import read_toml
 from .store import SECRET_PREFIX, Delivery, Store
 from .validate import url_problem
@@ -53,6 +54,8 @@ RESOLVE_TIMEOUT_SECONDS = 3.0
 #: A claimed delivery is this process's for twice the delivery timeout plus this; a process that dies holding it
 #: loses it then, and another delivers it (with the same webhook-id).
 CLAIM_MARGIN_SECONDS = 1.0
+#: How long a delivery cancelled at shutdown may take to unwind.
+DELIVERY_CANCEL_SECONDS = 1.0
 MAX_RETRY_AFTER_SECONDS = 36000
 
 
@@ -117,9 +120,8 @@ async def check_target(url: str, *, allow_private: bool) -> None:
         return
     loop = asyncio.get_running_loop()
     try:
-        answers = await asyncio.wait_for(
-            loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_SECONDS
-        )
+        async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
+            answers = await loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
     except (TimeoutError, OSError, UnicodeError):
         raise BadRequest(f"{URL_HEADER} host {host} cannot be resolved") from None
     if not answers or any(not is_public_address(str(answer[4][0])) for answer in answers):
@@ -159,13 +161,22 @@ class WebhookSender:
                                         headers={"User-Agent": "pixazo-proxy-webhooks"})
 
     async def close(self) -> None:
-        for task in list(self._running.values()):
-            task.cancel()
-        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        await stop_tasks(list(self._running.values()), DELIVERY_CANCEL_SECONDS, "webhook delivery")
         if self.session is not None:
             await self.session.close()
 
     async def run(self) -> None:
+        """Deliver until cancelled; then the deliveries under way are cancelled too.
+
+        A delivery cancelled mid-POST keeps its claim until ``claimed_until``, and is then tried again by this
+        process after its restart or by another: at least once, with the same ``webhook-id``.
+        """
+        try:
+            await self._loop()
+        finally:
+            await stop_tasks(list(self._running.values()), DELIVERY_CANCEL_SECONDS, "webhook delivery")
+
+    async def _loop(self) -> None:
         while True:
             try:
                 await self.dispatch()
@@ -175,13 +186,7 @@ class WebhookSender:
                 logger.exception("webhook dispatch failed")
             self._finished.clear()
             # Look again when a delivery ends (room freed, or its handle's next one is due) or after a poll.
-            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancel that races the event, and this
-            # loop would then never stop.
-            waiter = asyncio.ensure_future(self._finished.wait())
-            try:
-                await asyncio.wait({waiter}, timeout=self.rules.poll_seconds)
-            finally:
-                waiter.cancel()
+            await wait_event(self._finished, self.rules.poll_seconds)
 
     async def dispatch(self) -> int:
         """Start every due delivery there is room for, without waiting for any; how many started.

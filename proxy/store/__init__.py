@@ -507,7 +507,9 @@ class Store(Protocol):
 
     async def open(self) -> None: ...
 
-    async def close(self) -> None: ...
+    async def close(self, within: float = 5.0) -> None:
+        """Close within ``within`` seconds: what is committed stays, what is cut short was never half-written."""
+        ...
 
     async def ping(self) -> bool:
         """True while the store can answer queries (used by ``/readyz``)."""

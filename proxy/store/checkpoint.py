@@ -48,6 +48,10 @@ class Checkpointer:
     def start(self) -> None:
         self._thread.start()
 
+    def stop_soon(self) -> None:
+        """Ask the thread to end after the checkpoint it may be running (never waits)."""
+        self._stop.set()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():

@@ -65,10 +65,21 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable(f"the database refused the connection: {error}") from error
         await self._migrate()
 
-    async def close(self) -> None:
+    async def close(self, within: float = 5.0) -> None:
+        """Close the pool, waiting up to ``within`` for connections in use to come back; then cut them.
+
+        A connection cut mid-transaction is rolled back by the server: nothing of it is kept.
+        """
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(within):
+                await pool.close()
+        except TimeoutError:
+            logger.warning("database connections still in use %.1f s into closing were cut", within,
+                           extra={"event": "store.close_cut"})
+            pool.terminate()
 
     async def _migrate(self) -> None:
         assert self._pool is not None

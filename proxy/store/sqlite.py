@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..ops.stopping import join_thread
 from .checkpoint import WAL_SIZE_LIMIT, Checkpointer
 from .migrations import MIGRATIONS
 from .sql import Tx, run_sync
@@ -91,20 +92,37 @@ class SQLiteStore(SqlStore):
             self._checkpointer = Checkpointer(self._connect, self.checkpoint_seconds)
             self._checkpointer.start()
 
-    async def close(self) -> None:
+    async def close(self, within: float = 5.0) -> None:
+        """Finish the writes queued, then close, within ``within`` seconds.
+
+        Reads still running (a report over a big ledger) are interrupted: they change nothing. A thread that
+        has not ended by the deadline is named in the log and left to end with the process (each is a daemon).
+        """
         writer, reader_pool = self._writer, self._reader_pool
         self._writer = self._reader_pool = None
         if writer is None:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
         if self._loop_reader is not None:
             self._loop_reader.close()
             self._loop_reader = None
-        if self._checkpointer is not None:
-            await asyncio.to_thread(self._checkpointer.stop)
-            self._checkpointer = None
-        await writer.stop()
+        with self._lock:
+            for connection in self._reader_connections:
+                connection.interrupt()  # thread-safe: a read under way ends with "interrupted"
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.stop_soon()
+        stopped = await writer.stop(within)
         if reader_pool is not None:
-            reader_pool.shutdown(wait=True)
+            reader_pool.shutdown(wait=False, cancel_futures=True)
+            stopped = await join_thread(reader_pool.shutdown, deadline - loop.time()) and stopped
+        if checkpointer is not None:
+            stopped = await join_thread(checkpointer.stop, deadline - loop.time()) and stopped
+        if not stopped:
+            logger.error("the SQLite store's threads did not all end within %.1f s of closing", within,
+                         extra={"event": "shutdown.stuck", "task": "store threads"})
+            return
         with self._lock:
             for connection in self._reader_connections:
                 connection.close()

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ..errors import StoreUnavailable
+from ..ops.stopping import join_thread
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,12 +75,16 @@ class GroupCommitWriter:
         self._thread.start()
         await self._opened
 
-    async def stop(self) -> None:
-        """Finish what is queued, close the connection and end the thread."""
+    async def stop(self, within: float = 5.0) -> bool:
+        """Finish what is queued, close the connection and end the thread; whether it ended within ``within``.
+
+        A batch still running at the deadline commits or rolls back whole on the thread, which is a daemon and
+        ends with the process.
+        """
         if not self._thread.is_alive():
-            return
+            return True
         self._queue.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        return await join_thread(self._thread.join, within)
 
     def submit(self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = True) -> asyncio.Future[T]:
         """Queue ``fn(db)``; the future resolves once it is committed (or with its error, nothing kept).

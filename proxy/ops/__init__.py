@@ -1,0 +1,1 @@
+"""Operations: how the gateway runs, stops and is watched, apart from what it does."""
