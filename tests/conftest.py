@@ -25,11 +25,13 @@ from proxy.app import build_app
 from proxy.catalog import Catalog, load_catalog
 from proxy.clock import Clock
 from proxy.config import Config, load_config
-from proxy.httpserver import GatewayRunner
+from proxy.httpserver import GatewayRunner, runner_shutdown_timeout
 from proxy.services import SERVICES, Services
 from proxy.simulator import Simulator, SimulatorSettings
 from proxy.store.factory import store_at
 from tests.databases import Peek, PostgresServer, start_postgres
+
+pytest_plugins = ["tests.hang_guard", "tests.skip_guard"]
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
@@ -73,6 +75,29 @@ def policies_with(tmp_path: Path, budgets: str = "", cache: str = "", webhooks: 
 BACKENDS = ("sqlite", "postgresql")
 
 
+class LoopbackServer(TestServer):
+    """A test server whose stop has a bound, so a fixture's teardown can never wait for ever.
+
+    Its requests in flight get ``request_seconds`` (aiohttp's default is 60 s), and the whole close
+    ``close_seconds``; a close that takes longer fails the test, naming the server.
+    """
+
+    request_seconds = 1.0
+    close_seconds = 10.0
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        kwargs.setdefault("shutdown_timeout", runner_shutdown_timeout(self.request_seconds))
+        return await super()._make_runner(**kwargs)
+
+    async def close(self) -> None:
+        port = self.port
+        try:
+            async with asyncio.timeout(self.close_seconds):
+                await super().close()
+        except TimeoutError:
+            raise AssertionError(f"the test server on port {port} did not stop within {self.close_seconds:g} s") from None
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[tuple[PostgresServer | None, str]]:
     """The run's PostgreSQL (see tests/databases.py), or None and the reason its tests are skipped."""
@@ -96,7 +121,7 @@ def db_location(backend: str, tmp_path: Path, request: pytest.FixtureRequest) ->
         return
     server, reason = request.getfixturevalue("postgres_server")
     if server is None:
-        pytest.skip(f"PostgreSQL: {reason}")
+        pytest.skip(f"PostgreSQL: {reason} (the top of the run says how to run these)")
     url = server.create()
     yield url
     server.drop(url)
@@ -136,7 +161,7 @@ async def loopback_server(*routes: tuple[str, str, Callable[[web.Request], Await
     app = web.Application()
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
-    server = TestServer(app, host="127.0.0.1", port=free_port())
+    server = LoopbackServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
     try:
         yield server
@@ -215,7 +240,7 @@ async def simulator(catalog: Catalog) -> AsyncIterator[Simulator]:
         catalog,
         SimulatorSettings(key=UPSTREAM_KEY, queued_seconds=0.05, processing_seconds=0.15, allow_http_webhooks=True),
     )
-    server = TestServer(sim.build_app(), host="127.0.0.1", port=free_port())
+    server = LoopbackServer(sim.build_app(), host="127.0.0.1", port=free_port())
     await server.start_server()
     sim.url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
     yield sim
@@ -252,7 +277,7 @@ class Receiver:
         app = web.Application()
         app.router.add_post("/hook", self.handle)
         app.router.add_post("/moved", self.redirect)
-        self.server = TestServer(app, host="127.0.0.1", port=free_port())
+        self.server = LoopbackServer(app, host="127.0.0.1", port=free_port())
         await self.server.start_server()
         return self
 
@@ -261,11 +286,17 @@ class Receiver:
         await self.server.close()
 
 
-class GatewayTestServer(TestServer):
-    """A test server that runs the gateway as ``serve`` does (its runner answers parser errors in shape)."""
+class GatewayTestServer(LoopbackServer):
+    """A test server that runs the gateway as ``serve`` does: its runner answers parser errors in shape, and
+    it stops as ``serve`` stops, within the config's shutdown bound."""
+
+    def __init__(self, app: web.Application, config: Config, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.request_seconds = config.shutdown_request_seconds
+        self.close_seconds = config.shutdown_seconds + 2.0
 
     async def _make_runner(self, **kwargs: Any) -> GatewayRunner:
-        return GatewayRunner(self.app, **kwargs)
+        return GatewayRunner(self.app, shutdown_timeout=runner_shutdown_timeout(self.request_seconds), **kwargs)
 
 
 _takes = itertools.count(1)  # default bodies differ, so separate submits are separate jobs, not cache hits
@@ -351,7 +382,7 @@ async def start_gateway(db_location: str, simulator: Simulator) -> AsyncIterator
         }
         values.update(overrides)
         config: Config = load_config({}, **values)
-        server = GatewayTestServer(build_app(config, clock=clock), host="127.0.0.1", port=port)
+        server = GatewayTestServer(build_app(config, clock=clock), config, host="127.0.0.1", port=port)
         await server.start_server()
         session = aiohttp.ClientSession(response_class=RecordingResponse)
         started.append((server, session))

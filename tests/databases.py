@@ -13,6 +13,7 @@ import asyncio
 import glob
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import sqlite3
@@ -39,25 +40,60 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
+#: What to do when the PostgreSQL half cannot run: said once, at the top of the run (tests/skip_guard.py).
+POSTGRES_HOW = (f"set {POSTGRES_ENV}=postgresql://USER@HOST:PORT/DATABASE (a server the tests may create databases "
+                "on), or install PostgreSQL's server binaries (Debian: apt-get install postgresql) so the tests start "
+                "a throwaway cluster; as root that also needs a 'postgres' user and runuser (util-linux) or su on PATH")
+
+
+def server_binaries() -> Path | None:
+    """The folder of the newest installed PostgreSQL server binaries (initdb, pg_ctl), if any."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or ([shutil.which("initdb")]
+                                                                     if shutil.which("initdb") else [])
+    return Path(found[-1]).parent if found else None
+
+
+def as_postgres_user() -> list[str] | None:
+    """The words that run a command as the ``postgres`` user (initdb refuses root); None if nothing can.
+
+    ``[]`` when not root. As root: ``runuser``, else ``su`` (which takes one shell command: see ``_command``).
+    """
+    if os.geteuid() != 0:
+        return []
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return None
+    if shutil.which("runuser"):
+        return ["runuser", "-u", "postgres", "--"]
+    if shutil.which("su"):
+        return ["su", "postgres", "-s", "/bin/sh", "-c"]
+    return None
+
+
+def cluster_problem() -> str | None:
+    """Why no throwaway cluster can start here, or None (checked without starting one)."""
+    if server_binaries() is None:
+        return "no PostgreSQL server binaries (initdb) are installed"
+    if as_postgres_user() is None:
+        return "running as root, and there is no 'postgres' user, or neither runuser nor su, to run a cluster as"
+    return None
+
+
 class ThrowawayCluster:
     """A PostgreSQL cluster of the installed binaries in a temporary directory, for one test run."""
 
     def __init__(self) -> None:
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or ([shutil.which("initdb")]
-                                                                         if shutil.which("initdb") else [])
-        if not found:
-            raise RuntimeError("no PostgreSQL server binaries (initdb) are installed")
-        self.bin = Path(found[-1]).parent
+        problem = cluster_problem()
+        binaries, as_user = server_binaries(), as_postgres_user()
+        if problem is not None or binaries is None or as_user is None:
+            raise RuntimeError(problem)
+        self.bin = binaries
         self.directory = Path(tempfile.mkdtemp(prefix="pixazo-pg-"))
         self.port = _free_port()
-        self.as_user: list[str] = []
-        if os.geteuid() == 0:  # initdb refuses root: run the cluster as the postgres user
-            try:
-                pwd.getpwnam("postgres")
-            except KeyError:
-                raise RuntimeError("running as root and there is no 'postgres' user to run a cluster as") from None
+        self.as_user = as_user
+        if as_user:
             shutil.chown(self.directory, "postgres")
-            self.as_user = ["runuser", "-u", "postgres", "--"]
         data = self.directory / "data"
         self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
         self.start_server()
@@ -72,7 +108,12 @@ class ThrowawayCluster:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.directory / "data"), "-m", "fast", "-w", "stop")
 
     def _run(self, *command: str) -> None:
-        subprocess.run([*self.as_user, *command], check=True, capture_output=True, timeout=60)
+        subprocess.run(self._command(command), check=True, capture_output=True, timeout=60)
+
+    def _command(self, command: tuple[str, ...]) -> list[str]:
+        if self.as_user[:1] == ["su"]:  # su runs one shell command line
+            return [*self.as_user, shlex.join(command)]
+        return [*self.as_user, *command]
 
     def stop(self) -> None:
         try:

@@ -11,12 +11,11 @@ import time
 import jwt
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.simulator import Simulator
-from tests.conftest import JWT_SECRET, TEXT_PATH, UPSTREAM_KEY, Gateway, auth, free_port, make_token
+from tests.conftest import JWT_SECRET, TEXT_PATH, UPSTREAM_KEY, Gateway, LoopbackServer, auth, free_port, make_token
 
 REFUSED_401 = [
     ("missing", None, "Missing gateway token: send it in Ocp-Apim-Subscription-Key or as Authorization: Bearer <token>"),
@@ -155,7 +154,7 @@ async def test_es256_tokens_verified_through_a_jwks_url(start_gateway, simulator
 
     jwks_app = web.Application()
     jwks_app.router.add_get("/jwks.json", serve_jwks)
-    jwks = TestServer(jwks_app, host="127.0.0.1", port=free_port())
+    jwks = LoopbackServer(jwks_app, host="127.0.0.1", port=free_port())
     await jwks.start_server()
     try:
         gateway = await start_gateway(

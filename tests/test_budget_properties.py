@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +24,7 @@ from proxy.catalog import load_catalog
 from proxy.config import load_config
 from proxy.simulator import Fault, Simulator, SimulatorSettings
 from proxy.store.sqlite import SQLiteStore
-from tests.conftest import JWT_SECRET, POLICIES, TEXT_PATH, UPSTREAM_KEY, auth, free_port, ledger_mismatches
+from tests.conftest import JWT_SECRET, POLICIES, TEXT_PATH, UPSTREAM_KEY, LoopbackServer, auth, free_port, ledger_mismatches
 
 RATE = {"480p": 50_000, "720p": 70_000}
 LIMITS = {"a": 1_000_000, "b": 500_000}
@@ -39,7 +38,7 @@ operations = st.lists(st.one_of(submit, st.just(("restart",)), st.just(("poll",)
 async def scenario(ops: list[tuple[Any, ...]], directory: Path) -> None:
     catalog = load_catalog(POLICIES)
     simulator = Simulator(catalog, SimulatorSettings(key=UPSTREAM_KEY, queued_seconds=0.0, processing_seconds=0.0))
-    upstream = TestServer(simulator.build_app(), host="127.0.0.1", port=free_port())
+    upstream = LoopbackServer(simulator.build_app(), host="127.0.0.1", port=free_port())
     await upstream.start_server()
     db = directory / "property.db"
     store = SQLiteStore(db)
@@ -51,14 +50,14 @@ async def scenario(ops: list[tuple[Any, ...]], directory: Path) -> None:
                          jwt_secret=JWT_SECRET, db_path=str(db), policies_dir=POLICIES, status_refresh_seconds=0.001)
     expected = dict.fromkeys(LIMITS, 0)
     handles: list[str] = []
-    gateway = TestServer(build_app(config), host="127.0.0.1", port=free_port())
+    gateway = LoopbackServer(build_app(config), host="127.0.0.1", port=free_port())
     await gateway.start_server()
     http = aiohttp.ClientSession()
     try:
         for op in ops:
             if op[0] == "restart":
                 await gateway.close()
-                gateway = TestServer(build_app(config), host="127.0.0.1", port=free_port())
+                gateway = LoopbackServer(build_app(config), host="127.0.0.1", port=free_port())
                 await gateway.start_server()
             elif op[0] == "poll":
                 await poll_all(http, gateway, handles)
@@ -95,7 +94,7 @@ async def scenario(ops: list[tuple[Any, ...]], directory: Path) -> None:
         await upstream.close()
 
 
-async def poll_all(http: aiohttp.ClientSession, gateway: TestServer, handles: list[str]) -> None:
+async def poll_all(http: aiohttp.ClientSession, gateway: LoopbackServer, handles: list[str]) -> None:
     for handle in handles:
         admin = auth(team="a", role="admin")  # admins read every team's handles
         for _ in range(200):

@@ -19,7 +19,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +33,7 @@ from tests.conftest import (
     POLICIES,
     TEXT_PATH,
     UPSTREAM_KEY,
+    LoopbackServer,
     auth,
     create_teams,
     free_port,
@@ -55,7 +55,7 @@ operations = st.lists(st.one_of(edit, edit, text, topup), min_size=1, max_size=1
 async def scenario(ops: list[tuple[Any, ...]], trust_input: bool, directory: Path) -> None:
     simulator = Simulator(load_catalog(POLICIES),
                           SimulatorSettings(key=UPSTREAM_KEY, queued_seconds=0.0, processing_seconds=0.0))
-    upstream = TestServer(simulator.build_app(), host="127.0.0.1", port=free_port())
+    upstream = LoopbackServer(simulator.build_app(), host="127.0.0.1", port=free_port())
     await upstream.start_server()
 
     async def video(request: web.Request) -> web.Response:
@@ -67,7 +67,7 @@ async def scenario(ops: list[tuple[Any, ...]], trust_input: bool, directory: Pat
     config = load_config({}, upstream_url=str(upstream.make_url("")).rstrip("/"), upstream_key=UPSTREAM_KEY,
                          jwt_secret=JWT_SECRET, db_path=str(db), policies_dir=policies, status_refresh_seconds=0.001,
                          probe_allow_private=True)
-    gateway = TestServer(build_app(config), host="127.0.0.1", port=free_port())
+    gateway = LoopbackServer(build_app(config), host="127.0.0.1", port=free_port())
     await gateway.start_server()
     admin = auth(team="a", user="root", role="admin")
     try:
@@ -113,7 +113,7 @@ async def until_settled(db: Path) -> None:
     raise AssertionError("a reservation stayed open")
 
 
-async def check(db: Path, http: aiohttp.ClientSession, gateway: TestServer, admin: dict[str, str]) -> None:
+async def check(db: Path, http: aiohttp.ClientSession, gateway: LoopbackServer, admin: dict[str, str]) -> None:
     assert await ledger_mismatches(db) == []
     async with http.get(gateway.make_url("/admin/spend"), headers=admin) as response:
         report = {row["team"]: row for row in await response.json()}

@@ -6,12 +6,21 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.budget import period_key
 from proxy.sim_media import build_mp4
 from proxy.simulator import Simulator
-from tests.conftest import EDIT_PATH, IMAGE_PATH, REFERENCE_PATH, TEXT_PATH, Gateway, auth, free_port, policies_with
+from tests.conftest import (
+    EDIT_PATH,
+    IMAGE_PATH,
+    REFERENCE_PATH,
+    TEXT_PATH,
+    Gateway,
+    LoopbackServer,
+    auth,
+    free_port,
+    policies_with,
+)
 
 DRY = {"X-Proxy-Dry-Run": "1"}
 IMG = "https://img.example.com/a.png"
@@ -35,7 +44,7 @@ async def videos() -> AsyncIterator[str]:
 
     app.router.add_get("/seven.mp4", seven)
     app.router.add_get("/garbage.mp4", garbage)
-    server = TestServer(app, host="127.0.0.1", port=free_port())
+    server = LoopbackServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
     yield str(server.make_url("")).rstrip("/")
     await server.close()

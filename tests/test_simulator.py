@@ -8,10 +8,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.simulator import Simulator
-from tests.conftest import EDIT_PATH, TEXT_PATH, UPSTREAM_KEY, free_port, until
+from tests.conftest import EDIT_PATH, TEXT_PATH, UPSTREAM_KEY, LoopbackServer, free_port, until
 
 KEY = {"Ocp-Apim-Subscription-Key": UPSTREAM_KEY}
 
@@ -31,10 +30,10 @@ class Receiver:
         return web.Response(status=200)
 
 
-async def start_receiver(receiver: Receiver) -> TestServer:
+async def start_receiver(receiver: Receiver) -> LoopbackServer:
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
-    server = TestServer(app, host="127.0.0.1", port=free_port())
+    server = LoopbackServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
     return server
 

@@ -6,10 +6,9 @@ import time
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.simulator import Fault, Simulator
-from tests.conftest import UPSTREAM_KEY, Gateway, auth, free_port, wait_for_status
+from tests.conftest import UPSTREAM_KEY, Gateway, LoopbackServer, auth, free_port, wait_for_status
 
 
 def job_statuses(gateway: Gateway) -> list[tuple[str, str | None]]:
@@ -95,7 +94,7 @@ async def test_an_upstream_that_echoes_the_key_has_it_scrubbed(start_gateway) ->
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", echo)
-    fake = TestServer(app, host="127.0.0.1", port=free_port())
+    fake = LoopbackServer(app, host="127.0.0.1", port=free_port())
     await fake.start_server()
     try:
         gateway = await start_gateway(upstream_url=str(fake.make_url("")).rstrip("/"))

@@ -10,11 +10,21 @@ import time
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.netguard import is_public_address
 from proxy.simulator import Simulator
-from tests.conftest import TEXT_PATH, Gateway, Receiver, auth, free_port, make_token, policies_with, until, wait_for_status
+from tests.conftest import (
+    TEXT_PATH,
+    Gateway,
+    LoopbackServer,
+    Receiver,
+    auth,
+    free_port,
+    make_token,
+    policies_with,
+    until,
+    wait_for_status,
+)
 
 FAST = """
 delivery: poll_seconds = 0.05
@@ -163,7 +173,7 @@ async def test_deliveries_survive_a_restart(start_gateway, tmp_path) -> None:
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
-    server = TestServer(app, host="127.0.0.1", port=port)
+    server = LoopbackServer(app, host="127.0.0.1", port=port)
     await server.start_server()
     try:
         second = await start_gateway(webhook_allow_private=True, policies_dir=policies)
