@@ -35,6 +35,7 @@ from proxy.upstream import Upstream
 from proxy.webhooks import WebhookSender, load_delivery_rules
 from tests.conftest import POLICIES, ROOT, create_teams
 from tests.processes import GatewayProcess
+from tests.skip_guard import NO_SKIPS_ENV
 
 PROXY = Path(proxy.__file__).parent
 
@@ -204,7 +205,8 @@ def _pytest(tmp_path: Path, source: str, *args: str, **env: str) -> subprocess.C
     """Run pytest on one test file of ``source`` with this suite's guards, from a folder of its own."""
     (tmp_path / "test_probe.py").write_text(_python_code(source))
     (tmp_path / "pytest.ini").write_text("[pytest]\nasyncio_mode = auto\ntimeout_method = signal\n")
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    inherited = {name: value for name, value in os.environ.items() if name != NO_SKIPS_ENV}  # CI sets it for us
+    environment = {**inherited, "PYTHONPATH": str(ROOT), **env}
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.hang_guard", "-p", "tests.skip_guard",
                            "-p", "no:cacheprovider", str(tmp_path / "test_probe.py"), *args],
                           cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=90)
