@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -93,16 +93,19 @@ class InFlight:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
+    def track(self) -> InFlight:
+        """``with in_flight.track():`` around one request (the object is its own context manager: no generator is
+        built per request on the hot path)."""
+        return self
+
+    def __enter__(self) -> None:
         self.count += 1
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if self.count == 0:
-                self._idle.set()
+
+    def __exit__(self, *exc: object) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
 
     async def wait(self, seconds: float) -> int:
         """Wait up to ``seconds`` for no request to be in flight; how many still are."""
