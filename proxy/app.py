@@ -15,23 +15,35 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from .admin import add_admin_routes
-from .alerts import Alerts
-from .auth import Authenticator
-from .budget import load_budget_rules, period_key
-from .cache import load_cache_rules
-from .catalog import Catalog, load_catalog
-from .clock import Clock
+from .auth.tokens import Authenticator
 from .config import Config, Secret
 from .console import add_console
-from .dispatcher import Dispatcher
-from .errors import StoreUnavailable, error_middleware
-from .media import MediaStore
-from .metrics import Metrics, metrics_handler
-from .observe import observe_middleware
-from .openapi import build_openapi
+from .domain.budget import load_budget_rules, period_key
+from .domain.cache import load_cache_rules
+from .domain.catalog import Catalog, load_catalog
+from .domain.clock import Clock
+from .domain.errors import StoreUnavailable
+from .domain.pricing import Pricer
+from .domain.queueing import load_queue_rules
+from .domain.views import TerminalAnswers
+from .http.admin import add_admin_routes
+from .http.observe import observe_middleware
+from .http.openapi import build_openapi
+from .http.problems import error_middleware
+from .http.routes import add_routes
+from .jobs.alerts import Alerts
+from .jobs.dispatcher import Dispatcher
+from .jobs.media import MediaStore
+from .jobs.refresh import StatusRefresher
+from .jobs.settle import Settler
+from .jobs.sweeper import Sweeper
+from .jobs.tracker import Tracker
+from .jobs.upstream import Upstream
+from .jobs.webhooks import WebhookSender, load_delivery_rules
+from .net.prober import MediaProber
+from .ops.metrics import Metrics, metrics_handler
 from .ops.stopping import InFlight, StopBudget, stop_tasks
-from .pipeline import Pipeline
+from .pipeline import PIPELINE, Pipeline
 from .pipeline.s1_authenticate import Authenticate
 from .pipeline.s2_validate import Validate
 from .pipeline.s3_ratelimit import RateLimit
@@ -41,21 +53,10 @@ from .pipeline.s6_dedup import Dedup
 from .pipeline.s7_price import Price
 from .pipeline.s8_budget import Budget
 from .pipeline.s9_forward import Forward, Record
-from .pricing import Pricer
-from .probe import MediaProber
-from .queueing import load_queue_rules
-from .refresh import StatusRefresher
-from .routes import add_routes
 from .services import SERVICES, Services
-from .settle import Settler
-from .simulator import Simulator, SimulatorSettings
+from .simulator.server import Simulator, SimulatorSettings
 from .store import Store
 from .store.factory import store_at
-from .sweeper import Sweeper
-from .tracker import Tracker
-from .upstream import Upstream
-from .views import TerminalAnswers
-from .webhooks import WebhookSender, load_delivery_rules
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,6 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         catalog=catalog,
         store=store,
         authenticator=authenticator,
-        pipeline=pipeline,
         refresher=refresher,
         rules=rules,
         clock=clock,
@@ -197,6 +197,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
         handler_args={"max_field_size": config.max_token_bytes + 1024, "max_line_size": config.max_token_bytes + 1024},
     )
     app[SERVICES] = services
+    app[PIPELINE] = pipeline
 
     async def begin_stop(app: web.Application) -> None:
         stop_budget.begin()
@@ -205,7 +206,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     app.cleanup_ctx.extend([*contexts, open_store, open_clients, run_background])
     if config.metrics_port:
         app.cleanup_ctx.append(_metrics_site(metrics, config.host, config.metrics_port))
-    add_routes(app, services)
+    add_routes(app, services, pipeline.handler)
     add_admin_routes(app)
     add_console(app, session_seconds=config.console_session_seconds, public_url=config.base_url,
                 upstream_url=config.upstream_url)

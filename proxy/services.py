@@ -6,17 +6,16 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .alerts import Alerts
-from .auth import Authenticator
-from .budget import BudgetRules
-from .catalog import Catalog
-from .clock import Clock
-from .metrics import Metrics
-from .pipeline import Pipeline
-from .refresh import StatusRefresher
+from .auth.tokens import Authenticator
+from .domain.budget import BudgetRules
+from .domain.catalog import Catalog
+from .domain.clock import Clock
+from .domain.views import TerminalAnswers
+from .jobs.alerts import Alerts
+from .jobs.refresh import StatusRefresher
+from .jobs.tracker import Tracker
+from .ops.metrics import Metrics
 from .store import Store
-from .tracker import Tracker
-from .views import TerminalAnswers
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,6 @@ class Services:
     catalog: Catalog
     store: Store
     authenticator: Authenticator
-    pipeline: Pipeline
     refresher: StatusRefresher
     rules: BudgetRules
     clock: Clock

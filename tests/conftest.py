@@ -22,12 +22,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import build_app
-from proxy.catalog import Catalog, load_catalog
-from proxy.clock import Clock
 from proxy.config import Config, load_config
-from proxy.httpserver import GatewayRunner, runner_shutdown_timeout
+from proxy.domain.catalog import Catalog, load_catalog
+from proxy.domain.clock import Clock
+from proxy.http.server import GatewayRunner, runner_shutdown_timeout
 from proxy.services import SERVICES, Services
-from proxy.simulator import Simulator, SimulatorSettings
+from proxy.simulator.server import Simulator, SimulatorSettings
 from proxy.store.factory import store_at
 from tests.databases import Peek, PostgresServer, start_postgres
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.simulator import Fault, Simulator
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import TEXT_PATH, Gateway, Receiver, auth, until, wait_for_status
 
 SCENARIO_TEAM = {"design": {"budget_limit_micros": 1_000_000, "soft_threshold_percent": 80}}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.budget import period_key
-from proxy.simulator import Simulator
+from proxy.domain.budget import period_key
+from proxy.simulator.server import Simulator
 from tests.conftest import Gateway, auth, policies_with, until, wait_for_status
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from proxy.admin import ADMIN_ROUTES
-from proxy.simulator import Simulator
+from proxy.http.admin import ADMIN_ROUTES
+from proxy.simulator.server import Simulator
 from proxy.store import SettingProblem
 from tests.conftest import POLICIES, ROOT, Gateway, auth, make_token, until, wait_for_status
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import JWT_SECRET, TEXT_PATH, UPSTREAM_KEY, Gateway, LoopbackServer, auth, free_port, make_token
 
 REFUSED_401 = [

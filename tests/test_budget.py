@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from proxy.simulator import Fault, Simulator
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import EDIT_PATH, TEXT_PATH, Gateway, auth, free_port, policies_with, wait_for_status
 
 TERMINAL = {"COMPLETED", "FAILED", "ERROR"}

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.app import build_app
-from proxy.catalog import load_catalog
 from proxy.config import load_config
-from proxy.simulator import Fault, Simulator, SimulatorSettings
+from proxy.domain.catalog import load_catalog
+from proxy.simulator.server import Fault, Simulator, SimulatorSettings
 from proxy.store.sqlite import SQLiteStore
 from tests.conftest import JWT_SECRET, POLICIES, TEXT_PATH, UPSTREAM_KEY, LoopbackServer, auth, free_port, ledger_mismatches
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import TEXT_PATH, auth, policies_with
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.simulator import Fault, Simulator
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import TEXT_PATH, Gateway, auth, policies_with, wait_for_status
 
 BODY = {"prompt": "a red kite over the sea"}

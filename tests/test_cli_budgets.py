@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.budget import BudgetRules, period_key
-from proxy.clock import Clock
+from proxy.domain.budget import BudgetRules, period_key
+from proxy.domain.clock import Clock
+from proxy.domain.values import Estimate, Hold
 from proxy.store import Decision, JobUpdate, Submission
 from proxy.store.sqlite import SQLiteStore
-from proxy.values import Estimate, Hold
 from tests.conftest import JWT_SECRET, POLICIES, ROOT
 
 
@@ -94,7 +94,7 @@ def test_cli_mistakes_are_one_clear_line(env: dict[str, str]) -> None:
 
 
 def test_budget_rules_defaults_match_the_shipped_file() -> None:
-    from proxy.budget import load_budget_rules
+    from proxy.domain.budget import load_budget_rules
 
     assert load_budget_rules(POLICIES) == BudgetRules()
 

@@ -17,7 +17,7 @@ from decimal import Decimal
 import pytest
 
 from proxy.console.signin import LOGIN_COOKIE, SESSION_COOKIE
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from proxy.store.factory import store_at
 from tests.conftest import JWT_SECRET, ROOT, TEXT_PATH, Gateway, auth, ledger_mismatches, make_token, wait_for_status
 from tests.console_client import ConsoleClient

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import TEXT_PATH, auth, create_teams, ledger_mismatches, policies_with, until
 from tests.processes import GatewayProcess
 

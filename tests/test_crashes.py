@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from proxy.store.sqlite import SQLiteStore
 from tests.conftest import TEXT_PATH, Receiver, auth, ledger_mismatches, policies_with, until
 from tests.processes import GatewayProcess

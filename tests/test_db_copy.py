@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from proxy.budget import period_key
+from proxy.domain.budget import period_key
 from proxy.store.factory import store_at
 from tests.conftest import ROOT, TEXT_PATH, auth, wait_for_status
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import _parser
 from proxy.config import ENVIRONMENT
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import ROOT, Gateway, free_port
 from tests.scenario import SCENARIO_TEAM, run_scenario
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.simulator import Fault, Simulator
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import Gateway, until, wait_for_status
 
 SUBMIT_FAULTS = [

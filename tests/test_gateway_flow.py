@@ -9,7 +9,7 @@ from hachoir.metadata import extractMetadata
 from hachoir.parser import guessParser
 from hachoir.stream import InputIOStream
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import (
     EDIT_PATH,
     IMAGE_PATH,

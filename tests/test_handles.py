@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import Gateway, auth, wait_for_status
 
 
@@ -42,7 +42,7 @@ async def test_a_colleague_in_the_same_team_and_an_admin_can_read_it(gateway: Ga
 
 
 async def test_a_handle_the_upstream_refused_is_never_visible(gateway: Gateway, simulator: Simulator) -> None:
-    from proxy.simulator import Fault
+    from proxy.simulator.server import Fault
 
     simulator.add_fault(Fault(op="submit", status=500))
     await gateway.submit()

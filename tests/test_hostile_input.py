@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import TEXT_PATH, Gateway, auth
 
 HOSTILE_BODIES = {

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from proxy.simulator import Fault, Simulator
-from proxy.sweeper import INDETERMINATE_CHARGED
+from proxy.jobs.sweeper import INDETERMINATE_CHARGED
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import TEXT_PATH, Gateway, auth, policies_with, until
 from tests.test_metrics import scrape, value
 

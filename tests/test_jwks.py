@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import Gateway, auth, loopback_server, until
 
 LIFETIME = 1.0

@@ -133,13 +133,13 @@ def test_nothing_imports_the_composition_root_but_the_cli_that_serves_it():
 def test_policies_are_named_in_the_order_the_app_runs_them(tmp_path):
     from proxy.app import build_app
     from proxy.config import load_config
-    from proxy.services import SERVICES
+    from proxy.pipeline import PIPELINE
 
     stages = sorted(p.stem for p in (ROOT / "pipeline").glob("s[0-9]_*.py"))
     assert stages == ["s1_authenticate", "s2_validate", "s3_ratelimit", "s4_webhook", "s5_idempotency", "s6_dedup",
                       "s7_price", "s8_budget", "s9_forward"]
     app = build_app(load_config({}, upstream_key="k", jwt_secret="s" * 32, db_path=str(tmp_path / "g.db")))
-    ran = [type(policy) for policy in app[SERVICES].pipeline.policies]
+    ran = [type(policy) for policy in app[PIPELINE].policies]
     defined = []
     for stem in stages:
         module = importlib.import_module(f"proxy.pipeline.{stem}")

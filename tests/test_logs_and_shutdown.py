@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 import requests
 
-from proxy.simulator import Fault, Simulator
+from proxy.simulator.server import Fault, Simulator
 from proxy.store.sqlite import SQLiteStore
 from tests.conftest import JWT_SECRET, POLICIES, TEXT_PATH, UPSTREAM_KEY, auth
 from tests.processes import GatewayProcess

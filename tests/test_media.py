@@ -9,8 +9,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.sim_media import build_mp4
-from proxy.simulator import Fault, Simulator
+from proxy.simulator.mp4 import build_mp4
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import EDIT_PATH, TEXT_PATH, loopback_server, policies_with, wait_for_status
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import Gateway
 from tests.scenario import SCENARIO_TEAM, run_scenario
 

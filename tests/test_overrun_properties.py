@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.app import build_app
-from proxy.catalog import load_catalog
 from proxy.config import load_config
-from proxy.sim_media import build_mp4
-from proxy.simulator import Simulator, SimulatorSettings
+from proxy.domain.catalog import load_catalog
+from proxy.simulator.mp4 import build_mp4
+from proxy.simulator.server import Simulator, SimulatorSettings
 from tests.conftest import (
     EDIT_PATH,
     JWT_SECRET,
@@ -132,7 +132,7 @@ async def check(db: Path, http: aiohttp.ClientSession, gateway: LoopbackServer, 
 
 
 def _usd(micros: int) -> str:
-    from proxy.money import micros_to_usd
+    from proxy.domain.money import micros_to_usd
 
     return micros_to_usd(micros)
 

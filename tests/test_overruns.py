@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from proxy.sim_media import build_mp4
-from proxy.simulator import Simulator
+from proxy.simulator.mp4 import build_mp4
+from proxy.simulator.server import Simulator
 from tests.conftest import EDIT_PATH, Gateway, auth, loopback_server, policies_with, until, wait_for_status
 from tests.test_metrics import scrape, value
 

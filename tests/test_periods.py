@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from proxy.budget import period_key
-from proxy.simulator import Simulator
+from proxy.domain.budget import period_key
+from proxy.simulator.server import Simulator
 from tests.conftest import ManualClock, Receiver, auth, wait_for_status
 
 

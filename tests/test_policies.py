@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from proxy.app import build_app
-from proxy.catalog import load_catalog
 from proxy.config import load_config
-from proxy.policyfile import PolicyError
+from proxy.domain.catalog import load_catalog
+from proxy.domain.policyfile import PolicyError
 from tests.conftest import JWT_SECRET, POLICIES
 
 T2V = "models.grok-imagine-video-text-to-video"
@@ -118,7 +118,7 @@ def test_policies_check_command(tmp_path: Path) -> None:
     ("timeout_seconds = 5", "timeout_seconds = 0", "probe.timeout_seconds: must be greater than 0"),
 ])
 def test_budget_policy_mistakes_name_file_and_key(tmp_path: Path, old: str, new: str, where: str) -> None:
-    from proxy.budget import load_budget_rules
+    from proxy.domain.budget import load_budget_rules
 
     directory = tmp_path / "policies"
     shutil.copytree(POLICIES, directory)
@@ -141,8 +141,8 @@ def test_budget_policy_mistakes_name_file_and_key(tmp_path: Path, old: str, new:
 ])
 def test_cache_and_webhook_policy_mistakes_name_file_and_key(tmp_path: Path, file: str, old: str, new: str,
                                                             where: str) -> None:
-    from proxy.cache import load_cache_rules
-    from proxy.webhooks import load_delivery_rules
+    from proxy.domain.cache import load_cache_rules
+    from proxy.jobs.webhooks import load_delivery_rules
 
     directory = tmp_path / "policies"
     shutil.copytree(POLICIES, directory)

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from proxy.budget import period_key
-from proxy.sim_media import build_mp4
-from proxy.simulator import Simulator
+from proxy.domain.budget import period_key
+from proxy.simulator.mp4 import build_mp4
+from proxy.simulator.server import Simulator
 from tests.conftest import (
     EDIT_PATH,
     IMAGE_PATH,

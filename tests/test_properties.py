@@ -9,10 +9,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.cache import fingerprint
-from proxy.catalog import load_catalog
-from proxy.errors import BadRequest
-from proxy.validate import check_value, normalize
+from proxy.domain.cache import fingerprint
+from proxy.domain.catalog import load_catalog
+from proxy.domain.errors import BadRequest
+from proxy.domain.validate import check_value, normalize
 from tests.conftest import POLICIES
 
 CATALOG = load_catalog(POLICIES)

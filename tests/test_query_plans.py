@@ -11,9 +11,9 @@ import re
 import sqlite3
 from pathlib import Path
 
+from proxy.domain.values import Estimate, Hold
 from proxy.store import ConsoleIdentity, Decision, HandleQuery, IdempotencyRecord, JobUpdate, Saving, Submission
 from proxy.store.sqlite import SQLiteStore
-from proxy.values import Estimate, Hold
 
 GROWING_TABLES = ("ledger", "jobs", "handles", "reservations", "idempotency_keys", "outbox", "submit_times")
 SCAN = re.compile(r"\bSCAN (" + "|".join(GROWING_TABLES) + r")\b")

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.queueing import fairness_bound
-from proxy.simulator import Fault, Simulator
+from proxy.domain.queueing import fairness_bound
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import (
     REFERENCE_PATH,
     TEXT_PATH,
@@ -352,8 +352,8 @@ async def test_jobs_queued_when_a_gateway_is_killed_are_sent_once_after_it_resta
     ("queue: max_queud = 5", "queue.max_queud: unknown key"),
 ])
 def test_a_bad_upstream_policy_stops_start_up_naming_the_key(tmp_path, line: str, problem: str) -> None:
-    from proxy.policyfile import PolicyError
-    from proxy.queueing import load_queue_rules
+    from proxy.domain.policyfile import PolicyError
+    from proxy.domain.queueing import load_queue_rules
 
     with pytest.raises(PolicyError) as refused:
         load_queue_rules(policies_with(tmp_path, upstream=line))
@@ -361,7 +361,7 @@ def test_a_bad_upstream_policy_stops_start_up_naming_the_key(tmp_path, line: str
 
 
 def test_the_shipped_upstream_policy_counts_no_account_limit_until_one_is_set(tmp_path) -> None:
-    from proxy.queueing import load_queue_rules
+    from proxy.domain.queueing import load_queue_rules
 
     shipped = load_queue_rules(policies_with(tmp_path))
     assert (shipped.limits_upstream, shipped.max_queued, shipped.max_queued_per_team, shipped.max_wait_seconds) == (

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import EDIT_PATH, TEXT_PATH, Gateway, auth, loopback_server, policies_with, wait_for_status
 
 BIG = bytes(8 * 1024 * 1024)  # 8 MB that is not a video: a probe reads it to its cap, parses nothing

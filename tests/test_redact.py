@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.redact import REDACTED, Redactor
+from proxy.domain.redact import REDACTED, Redactor
 
 
 def reference(secret: str, text: str, run: int = 8) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.simulator import Fault, Simulator
+from proxy.simulator.server import Fault, Simulator
 from proxy.store.factory import store_at
 from tests.conftest import POLICIES, TEXT_PATH, Receiver, auth, create_teams, ledger_mismatches, policies_with
 from tests.databases import Peek, ThrowawayCluster, wait_until_accepting, with_database

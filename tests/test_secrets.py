@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from proxy.simulator import Fault, Simulator
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import EDIT_PATH, JWT_SECRET, TEXT_PATH, UPSTREAM_KEY, Gateway, auth, make_token, wait_for_status
 
 

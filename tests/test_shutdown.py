@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.simulator import Fault, Simulator
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import TEXT_PATH, auth, create_teams, ledger_mismatches, loopback_server, policies_with
 from tests.processes import GatewayProcess
 

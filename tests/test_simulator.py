@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import EDIT_PATH, TEXT_PATH, UPSTREAM_KEY, LoopbackServer, free_port, until
 
 KEY = {"Ocp-Apim-Subscription-Key": UPSTREAM_KEY}

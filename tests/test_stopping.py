@@ -22,17 +22,17 @@ from pathlib import Path
 import pytest
 
 import proxy
-from proxy.catalog import load_catalog
 from proxy.config import Secret
-from proxy.dispatcher import Dispatcher
-from proxy.metrics import Metrics
+from proxy.domain.catalog import load_catalog
+from proxy.domain.queueing import load_queue_rules
+from proxy.jobs.dispatcher import Dispatcher
+from proxy.jobs.upstream import Upstream
+from proxy.jobs.webhooks import WebhookSender, load_delivery_rules
+from proxy.ops.metrics import Metrics
 from proxy.ops.stopping import InFlight, StopBudget, stop_tasks, wait_event
-from proxy.queueing import load_queue_rules
 from proxy.store import Store
 from proxy.store.factory import store_at
 from proxy.store.sql import one
-from proxy.upstream import Upstream
-from proxy.webhooks import WebhookSender, load_delivery_rules
 from tests.conftest import POLICIES, ROOT, create_teams
 from tests.processes import GatewayProcess
 from tests.skip_guard import NO_SKIPS_ENV

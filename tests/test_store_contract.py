@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.errors import BudgetExceeded, TooManyRequests
+from proxy.domain.errors import BudgetExceeded, TooManyRequests
+from proxy.domain.values import Estimate, Hold
 from proxy.store import (
     Decision,
     EntryRefused,
@@ -26,7 +27,6 @@ from proxy.store import (
     UnknownTeam,
 )
 from proxy.store.factory import store_at
-from proxy.values import Estimate, Hold
 
 PERIOD = "2026-11"
 NOW = "2026-11-25T12:00:00.000000Z"

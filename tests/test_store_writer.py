@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.errors import StoreUnavailable
+from proxy.domain.errors import StoreUnavailable
 from proxy.store.checkpoint import WAL_SIZE_LIMIT
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.writer import MAX_BATCH, GroupCommitWriter

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from proxy.simulator import Fault, Simulator
+from proxy.jobs.sweeper import INDETERMINATE_CHARGED, INDETERMINATE_RELEASED, STALE_ERROR
+from proxy.simulator.server import Fault, Simulator
 from proxy.store.sqlite import SQLiteStore
-from proxy.sweeper import INDETERMINATE_CHARGED, INDETERMINATE_RELEASED, STALE_ERROR
 from tests.conftest import TEXT_PATH, auth, free_port, ledger_mismatches, policies_with, until
 from tests.processes import GatewayProcess
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.simulator import Fault, Simulator
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import Gateway, until
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 from aiohttp import web
 
-from proxy.simulator import Fault, Simulator
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import UPSTREAM_KEY, Gateway, LoopbackServer, auth, free_port, wait_for_status
 
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from proxy.redact import Redactor
-from proxy.simulator import Fault, Simulator
+from proxy.domain.redact import Redactor
+from proxy.simulator.server import Fault, Simulator
 from tests.conftest import UPSTREAM_KEY, Gateway, Receiver, auth, make_token, policies_with, until, wait_for_status
 
 PIECES = {UPSTREAM_KEY[i:i + 8] for i in range(len(UPSTREAM_KEY) - 7)}

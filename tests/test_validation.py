@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import EDIT_PATH, IMAGE_PATH, REFERENCE_PATH, TEXT_PATH, Gateway, auth
 
 TEXT = "Invalid request for grok-imagine-video-text-to-video: "

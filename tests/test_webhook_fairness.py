@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from proxy.simulator import Simulator
+from proxy.simulator.server import Simulator
 from tests.conftest import TEXT_PATH, Gateway, Receiver, auth, loopback_server, policies_with, until, wait_for_status
 
 SLOW_RECEIVERS = """

@@ -11,8 +11,8 @@ import time
 import pytest
 from aiohttp import web
 
-from proxy.netguard import is_public_address
-from proxy.simulator import Simulator
+from proxy.net.guard import is_public_address
+from proxy.simulator.server import Simulator
 from tests.conftest import (
     TEXT_PATH,
     Gateway,

@@ -20,25 +20,16 @@ from urllib.parse import urlencode
 import aiohttp_jinja2
 from aiohttp import web
 
-from ..admin import add_money_entry, change_team, entry_json
-from ..budget import PERIOD_KEY, period_key, period_start
-from ..clock import iso_utc
-from ..errors import FieldError, Forbidden, NotFound, ProxyError, Unauthorized
-from ..money import micros_to_usd
+from ..domain.budget import PERIOD_KEY, period_key, period_start
+from ..domain.clock import iso_utc
+from ..domain.errors import FieldError, Forbidden, NotFound, ProxyError, Unauthorized
+from ..domain.money import micros_to_usd
+from ..domain.tabular import write_csv
+from ..domain.views import TERMINAL_STATUSES
+from ..http.admin import add_money_entry, change_team, entry_json
 from ..services import SERVICES, Services
-from ..store import (
-    TERMINAL_STATUSES,
-    ConsoleIdentity,
-    ConsoleSession,
-    DaySpend,
-    HandleQuery,
-    JobRow,
-    QueueRow,
-    SpendRow,
-    Team,
-)
+from ..store import ConsoleIdentity, ConsoleSession, DaySpend, HandleQuery, JobRow, QueueRow, SpendRow, Team
 from ..store.sqlstore import LEDGER_KINDS
-from ..tabular import write_csv
 from .signin import (
     LOGIN_COOKIE,
     SESSION_COOKIE,

@@ -14,7 +14,7 @@ import re
 import secrets
 from datetime import UTC, datetime, timedelta
 
-from ..clock import iso_utc
+from ..domain.clock import iso_utc
 from ..store import ConsoleIdentity, ConsoleSession, Store
 
 #: The session cookie's name, and the login form's double-submit cookie (a form posted before any session).

@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar, overload
 
 from aiohttp import web
 
-from ..auth import Caller
-from ..observe import CACHE, HANDLE
-from ..queueing import client_status
+from ..auth.tokens import Caller
+from ..domain.queueing import client_status
+from ..domain.validate import canonical_json
+from ..domain.values import Estimate, Hold, ModelSpec
+from ..http.observe import CACHE, HANDLE, MODEL
 from ..store import IdempotencyRecord, QueuePlace, Submission
-from ..validate import canonical_json
-from ..values import Estimate, Hold, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,8 @@ def _defines(policy: Policy, hook: str) -> bool:
     return getattr(type(policy), hook) is not getattr(Policy, hook)
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 class Pipeline:
     def __init__(self, policies: list[Policy]) -> None:
         self.policies = list(policies)
@@ -167,6 +170,15 @@ class Pipeline:
         self._doers = {id(p) for p in policies if _defines(p, "on_request")}
         self._answers = {id(p) for p in policies if _defines(p, "on_response")}
         self._undoes = {id(p) for p in policies if _defines(p, "on_failure")}
+
+    def handler(self, model: ModelSpec) -> Handler:
+        """The route handler for ``model``'s submit path: each request runs the chain."""
+
+        async def submit(request: web.Request) -> web.StreamResponse:
+            request[MODEL] = model.id
+            return await self.run(SubmitContext(request=request, model=model))
+
+        return submit
 
     async def run(self, ctx: SubmitContext) -> web.StreamResponse:
         for reader in self._readers:
@@ -200,3 +212,7 @@ class Pipeline:
         if ctx.fingerprint is not None:
             ctx.request[CACHE] = ctx.cache
         return ctx.response
+
+
+#: The chain the app runs (tests read which policies it holds).
+PIPELINE = web.AppKey("pipeline", Pipeline)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..auth import Authenticator
-from ..observe import TEAM, USER
+from ..auth.tokens import Authenticator
+from ..http.observe import TEAM, USER
 from . import Policy, SubmitContext
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..validate import normalize, read_json_body
+from ..domain.validate import normalize
+from ..http.bodies import read_json_body
 from . import Policy, SubmitContext
 
 

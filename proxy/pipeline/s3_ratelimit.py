@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 
-from ..errors import TooManyRequests
+from ..domain.errors import TooManyRequests
 from ..store import Store
 from . import Policy, SubmitContext
 

@@ -6,8 +6,8 @@ headers' form is checked with every other header, before anything answers.
 
 from __future__ import annotations
 
-from ..errors import BadRequest
-from ..webhooks import MODE_HEADER, URL_HEADER, check_target, check_target_form
+from ..domain.errors import BadRequest
+from ..jobs.webhooks import MODE_HEADER, URL_HEADER, check_target, check_target_form
 from . import Policy, SubmitContext
 
 

@@ -21,10 +21,10 @@ import hashlib
 import re
 from datetime import timedelta
 
-from ..clock import Clock, iso_utc
-from ..errors import BadRequest, Conflict, UnprocessableContent
+from ..domain.clock import Clock, iso_utc
+from ..domain.errors import BadRequest, Conflict, UnprocessableContent
+from ..domain.validate import canonical_json
 from ..store import UNKNOWN_OUTCOME, IdempotencyRecord, Store
-from ..validate import canonical_json
 from . import Policy, SubmitContext, accepted
 
 HEADER = "Idempotency-Key"

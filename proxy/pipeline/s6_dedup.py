@@ -10,13 +10,13 @@ import logging
 import time
 from datetime import timedelta
 
-from ..budget import period_key
-from ..cache import CacheRules, fingerprint
-from ..clock import Clock, iso_utc, new_request_id
-from ..errors import BudgetExceeded, Conflict, TooManyRequests
-from ..headers import CACHE_HEADER, asks_cache_bypass
-from ..metrics import Metrics
-from ..money import micros_to_usd
+from ..domain.budget import period_key
+from ..domain.cache import CacheRules, fingerprint
+from ..domain.clock import Clock, iso_utc, new_request_id
+from ..domain.errors import BudgetExceeded, Conflict, TooManyRequests
+from ..domain.headers import CACHE_HEADER, asks_cache_bypass
+from ..domain.money import micros_to_usd
+from ..ops.metrics import Metrics
 from ..store import UNKNOWN_OUTCOME, Saving, Store
 from . import Policy, SubmitContext, accepted
 

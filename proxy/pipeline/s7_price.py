@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..pricing import Pricer
+from ..domain.pricing import Pricer
 from . import Policy, SubmitContext
 
 

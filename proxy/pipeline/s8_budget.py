@@ -6,13 +6,13 @@ import logging
 
 from aiohttp import web
 
-from ..budget import BudgetRules, budget_headers, period_key
-from ..clock import Clock, iso_utc
-from ..errors import BudgetExceeded, StoreUnavailable
-from ..headers import MAX_COST_HEADER, cost_cap, is_dry_run
-from ..money import micros_to_usd
+from ..domain.budget import BudgetRules, budget_headers, period_key
+from ..domain.clock import Clock, iso_utc
+from ..domain.errors import BudgetExceeded, StoreUnavailable
+from ..domain.headers import MAX_COST_HEADER, cost_cap, is_dry_run
+from ..domain.money import micros_to_usd
+from ..domain.values import Hold
 from ..store import Store
-from ..values import Hold
 from . import Policy, SubmitContext
 
 logger = logging.getLogger(__name__)

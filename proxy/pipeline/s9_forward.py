@@ -17,15 +17,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from ..alerts import Alerts
-from ..budget import budget_headers
-from ..clock import new_request_id
-from ..errors import BadRequest, Conflict, StoreUnavailable, UpstreamRefused, UpstreamUnavailable
-from ..metrics import Metrics
-from ..money import micros_to_usd
-from ..queueing import PRIORITY_HEADER, QUEUE_POSITION_HEADER, QueueRules, pause_from, priority_problem
+from ..domain.budget import budget_headers
+from ..domain.clock import new_request_id
+from ..domain.errors import BadRequest, Conflict, StoreUnavailable, UpstreamRefused, UpstreamUnavailable
+from ..domain.money import micros_to_usd
+from ..domain.queueing import PRIORITY_HEADER, QUEUE_POSITION_HEADER, QueueRules, pause_from, priority_problem
+from ..jobs.alerts import Alerts
+from ..jobs.upstream import Upstream, initial_status
+from ..ops.metrics import Metrics
 from ..store import Admission, Dispatch, FingerprintTaken, QueuePlace, Store
-from ..upstream import Upstream, initial_status
 from . import Policy, StageNotRun, SubmitContext, accepted
 
 logger = logging.getLogger(__name__)

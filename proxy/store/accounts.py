@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import BudgetExceeded, TooManyRequests
-from ..money import micros_to_usd
-from ..values import Hold
-from . import BudgetView, Decision, EntryRefused, LedgerEntry, SoftAlert, Team
+from ..domain.budget import BudgetView
+from ..domain.errors import BudgetExceeded, TooManyRequests
+from ..domain.money import micros_to_usd
+from ..domain.values import Hold
+from . import Decision, EntryRefused, LedgerEntry, SoftAlert, Team
 from .migrations import DAY_ROLLUP_COLUMNS, DAY_ROLLUP_FROM_LEDGER
 from .sql import Sql, Tx, changed, one
 

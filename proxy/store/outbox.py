@@ -13,7 +13,7 @@ import json
 import secrets
 from typing import Any
 
-from ..clock import uuid7
+from ..domain.clock import uuid7
 from . import SECRET_PREFIX, Delivery
 from .sql import Sql, Tx
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from ..errors import StoreUnavailable
+from ..domain.errors import StoreUnavailable
 from .migrations import POSTGRES_MIGRATIONS
 from .sql import Fetched, Rows, Sql, Tx, numbered
 from .sqlstore import SqlStore

@@ -18,8 +18,8 @@ import json
 import time
 from typing import Any
 
-from ..errors import Conflict, TooManyRequests
-from ..queueing import CLIENT_STATUS, WAITING, QueueRules, WaitingTeam, next_team
+from ..domain.errors import Conflict, TooManyRequests
+from ..domain.queueing import CLIENT_STATUS, WAITING, QueueRules, WaitingTeam, next_team
 from . import Admission, Decision, Dispatch, JobUpdate, QueuePlace, QueueRow, Team
 from .accounts import CONCURRENCY_RETRY_AFTER_SECONDS
 from .sql import Sql, Tx, changed, every, one

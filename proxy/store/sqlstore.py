@@ -17,18 +17,17 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..clock import iso_utc
-from ..errors import Conflict
-from ..queueing import QueueRules
-from ..ttlcache import TtlCache
-from ..values import Hold
-from ..views import status_body
+from ..domain.budget import BudgetView
+from ..domain.clock import iso_utc
+from ..domain.errors import Conflict
+from ..domain.queueing import QueueRules
+from ..domain.ttlcache import TtlCache
+from ..domain.values import Hold
+from ..domain.views import TERMINAL_STATUSES, HandleView, status_body
 from . import (
     LEDGER_KINDS,
     REFUSALS_KEPT,
-    TERMINAL_STATUSES,
     Admission,
-    BudgetView,
     ConsoleIdentity,
     ConsoleSession,
     DaySpend,
@@ -37,7 +36,6 @@ from . import (
     Dispatch,
     FingerprintTaken,
     HandleQuery,
-    HandleView,
     HoldCheck,
     JobRow,
     JobUpdate,

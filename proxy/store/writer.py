@@ -39,7 +39,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from ..errors import StoreUnavailable
+from ..domain.errors import StoreUnavailable
 from ..ops.stopping import join_thread
 
 logger = logging.getLogger(__name__)

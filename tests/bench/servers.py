@@ -23,8 +23,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from proxy.catalog import load_catalog
-from proxy.simulator import Simulator, SimulatorSettings
+from proxy.domain.catalog import load_catalog
+from proxy.simulator.server import Simulator, SimulatorSettings
 from proxy.store.checkpoint import Checkpointer
 from proxy.store.writer import GroupCommitWriter
 

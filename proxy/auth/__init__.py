@@ -1,0 +1,1 @@
+"""Who is calling: gateway tokens verified to a principal, and the identity provider's keys."""
