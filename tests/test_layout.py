@@ -17,10 +17,23 @@ from proxy.pipeline import StageNotRun, SubmitContext
 
 ROOT = Path(proxy.__file__).parent
 
-#: Domain logic: what things cost, when periods start, what a fingerprint is, which addresses are public...
-DOMAIN = ["proxy.pricing", "proxy.budget", "proxy.cache", "proxy.netguard", "proxy.validate", "proxy.money",
-          "proxy.values", "proxy.catalog", "proxy.auth", "proxy.webhooks", "proxy.store", "proxy.store.sqlite",
-          "proxy.store.accounts", "proxy.settle", "proxy.sweeper", "proxy.refresh", "proxy.tracker"]
+#: The rooms of docs/architecture.md, highest first: a module imports only from its own room or a lower level, never
+#: from a higher one, and never from another room of its own level. The top of proxy/ holds only the composition
+#: modules; config and services sit there because everything reads them, and their level says who may.
+LEVELS = [
+    ["proxy.cli"],                                          # the command
+    ["proxy.app"],                                          # the composition root
+    ["proxy.pipeline", "proxy.console", "proxy.simulator"],  # the request path, the console, the upstream's double
+    ["proxy.http"],                                         # routes, admin API, OpenAPI, errors as responses, server
+    ["proxy.services"],                                     # the shared objects handlers reach
+    ["proxy.auth", "proxy.jobs"],                           # who is calling; what follows a job after its submit
+    ["proxy.config"],                                       # the frozen configuration
+    ["proxy.store", "proxy.net"],                           # persistence; calls to addresses a client chose
+    ["proxy.domain", "proxy.ops"],                          # the rules; how the gateway runs, stops and is watched
+]
+ROOMS = [room for level in LEVELS for room in level]
+TOP_LEVEL = ["__init__.py", "app.py", "config.py", "services.py"]
+MAX_LINES = 500
 
 
 def _modules() -> dict[str, Path]:
@@ -104,10 +117,15 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-def test_the_graph_sees_every_kind_of_import():
+def test_the_graph_sees_every_kind_of_import(tmp_path):
+    known = {"proxy.domain", "proxy.domain.money", "proxy.domain.values", "proxy.domain.clock", "proxy.domain.views"}
+    source = tmp_path / "probe.py"
+    source.write_text("from typing import TYPE_CHECKING\nfrom . import money\nif TYPE_CHECKING:\n"
+                      "    from .values import Hold\ndef f():\n    from .clock import Clock\n")
+    assert _imports("proxy.domain.probe", source, known) == {"proxy.domain", "proxy.domain.money",
+                                                              "proxy.domain.values", "proxy.domain.clock"}
     graph = _graph()
-    assert "proxy.values" in graph["proxy.store"]  # only under TYPE_CHECKING
-    assert "proxy.app" in graph["proxy.cli"]  # only inside a function
+    assert "proxy.app" in graph["proxy.cli.serve"]  # only inside a function
     assert "proxy.pipeline" in graph["proxy.pipeline.s1_authenticate"]  # "from . import"
 
 
@@ -119,15 +137,77 @@ def test_no_module_imports_itself_back_not_even_for_types():
     assert _cycles(_graph()) == []
 
 
-@pytest.mark.parametrize("name", DOMAIN)
-def test_domain_logic_imports_no_pipeline_and_no_composition_root(name):
-    reached = _reachable(_graph(), name)
-    assert sorted(m for m in reached if m == "proxy.pipeline" or m.startswith("proxy.pipeline.")) == []
-    assert "proxy.app" not in reached
+def _room(name: str) -> str:
+    rooms = [room for room in ROOMS if name == room or name.startswith(room + ".")]
+    assert rooms, f"{name} is in no room of docs/architecture.md"
+    return max(rooms, key=len)
+
+
+def _level(room: str) -> int:
+    return next(index for index, level in enumerate(LEVELS) if room in level)
+
+
+def test_only_the_composition_modules_are_at_the_top():
+    assert sorted(path.name for path in ROOT.glob("*.py")) == TOP_LEVEL
+    packages = sorted(path.parent.name for path in ROOT.glob("*/__init__.py"))
+    assert packages == sorted(room.removeprefix("proxy.") for room in ROOMS if (ROOT / room.removeprefix("proxy.")).is_dir())
+    assert sorted(path.name for path in ROOT.iterdir() if path.is_dir() and path.name != "__pycache__") == sorted(
+        packages + ["assets", "policies"])
+
+
+def test_every_module_is_in_a_room():
+    assert sorted(name for name in _modules() if name != "proxy" and not any(
+        name == room or name.startswith(room + ".") for room in ROOMS)) == []
+
+
+def test_imports_run_down_the_rooms_never_up_and_never_sideways():
+    wrong = []
+    for name, targets in _graph().items():
+        if name == "proxy":
+            continue
+        here = _room(name)
+        for target in targets:
+            if target == "proxy":
+                continue
+            there = _room(target)
+            if there != here and _level(there) <= _level(here):
+                wrong.append(f"{name} -> {target}")
+    assert sorted(wrong) == []
+
+
+def test_the_room_check_catches_an_upward_import():
+    graph = {"proxy.domain.money": {"proxy.store.records"}, "proxy.store.records": set()}
+    assert [(_room(a), _room(b)) for a, targets in graph.items() for b in targets
+            if _level(_room(b)) <= _level(_room(a))] == [("proxy.domain", "proxy.store")]
+
+
+def _third_party(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_the_domain_imports_no_http_pipeline_store_jobs_or_aiohttp():
+    graph = _graph()
+    domain = sorted(name for name in graph if name != "proxy" and _room(name) == "proxy.domain")
+    assert len(domain) > 15
+    for name in domain:
+        reached = (_reachable(graph, name) | {name}) - {"proxy"}
+        assert sorted(m for m in reached if _room(m) != "proxy.domain") == [], name
+        assert sorted({"aiohttp", "asyncpg", "sqlite3", "jinja2"} & _third_party(_modules()[name])) == [], name
+
+
+def test_no_module_is_longer_than_a_reader_takes_in():
+    lines = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
+    assert sorted(name for name, count in lines.items() if count > MAX_LINES) == []
 
 
 def test_nothing_imports_the_composition_root_but_the_cli_that_serves_it():
-    assert sorted(name for name, targets in _graph().items() if "proxy.app" in targets) == ["proxy.cli"]
+    assert sorted(name for name, targets in _graph().items() if "proxy.app" in targets) == ["proxy.cli.serve"]
 
 
 def test_policies_are_named_in_the_order_the_app_runs_them(tmp_path):
@@ -155,6 +235,8 @@ def test_every_annotation_resolves():
     typing.get_type_hints(SubmitContext.__init__)
     typing.get_type_hints(SubmitContext.submission)
     for name in _modules():
+        if name.endswith(".__main__"):  # running it is the command itself
+            continue
         module = importlib.import_module(name)
         for value in vars(module).values():
             if isinstance(value, type) and value.__module__ == name:

@@ -14,7 +14,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from . import pages
+from . import jobs, pages, teams
 
 HERE = Path(__file__).parent
 
@@ -39,14 +39,14 @@ def add_console(app: web.Application, *, session_seconds: float, public_url: str
         ("GET", "/console/login", pages.login),
         ("POST", "/console/login", pages.login),
         ("POST", "/console/logout", pages.logout),
-        ("GET", "/console/teams/{team}", pages.team_page),
-        ("POST", "/console/teams/{team}/settings", pages.team_settings),
-        ("POST", "/console/teams/{team}/topups", pages.team_topup),
-        ("POST", "/console/teams/{team}/adjustments", pages.team_adjust),
-        ("POST", "/console/teams/{team}/webhook-secret", pages.team_secret),
-        ("GET", "/console/teams/{team}/ledger.csv", pages.ledger_csv),
-        ("GET", "/console/jobs", pages.jobs),
-        ("GET", "/console/gallery", pages.gallery),
+        ("GET", "/console/teams/{team}", teams.team_page),
+        ("POST", "/console/teams/{team}/settings", teams.team_settings),
+        ("POST", "/console/teams/{team}/topups", teams.team_topup),
+        ("POST", "/console/teams/{team}/adjustments", teams.team_adjust),
+        ("POST", "/console/teams/{team}/webhook-secret", teams.team_secret),
+        ("GET", "/console/teams/{team}/ledger.csv", teams.ledger_csv),
+        ("GET", "/console/jobs", jobs.jobs),
+        ("GET", "/console/gallery", jobs.gallery),
     ):
         app.router.add_route(method, path, handler)
     app.router.add_get("/console", _to_console)

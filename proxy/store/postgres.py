@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from ..domain.errors import StoreUnavailable
-from .migrations import POSTGRES_MIGRATIONS
+from .postgres_migrations import POSTGRES_MIGRATIONS
 from .sql import Fetched, Rows, Sql, Tx, numbered
 from .sqlstore import SqlStore
 
