@@ -59,35 +59,8 @@ from . import (
     queue,
     team_name_problem,
 )
+from . import transactions as tx
 from .sql import Tx, changed, every, one
-from .transactions import (
-    HANDLE_SELECT,
-    JOB_ROWS,
-    PURGE_BATCH,
-    RESERVATION_SELECT,
-    RUNNING,
-    TEAM_BY_NAME,
-    TEAM_COLUMNS,
-    _add_console_link,
-    _add_console_session,
-    _add_entry,
-    _attach_handle,
-    _begin_submission,
-    _budget_view,
-    _check_hold,
-    _claim_running,
-    _count_submit,
-    _mark_rejected,
-    _mark_submitted,
-    _metric_figures,
-    _record_refusal,
-    _spend_report,
-    _update_job,
-    _webhook_secret,
-    handle_view,
-    job_row,
-    reservation,
-)
 
 T = TypeVar("T")
 
@@ -152,7 +125,7 @@ class SqlStore:
         """The team's row, read at most :data:`TEAM_ROW_SECONDS` ago; this store's own updates show at once."""
         team = self._teams.get(name)
         if team is None:
-            row = await self._point(TEAM_BY_NAME, name)
+            row = await self._point(tx.TEAM_BY_NAME, name)
             if row is None:
                 return None
             team = Team(*row)
@@ -160,7 +133,7 @@ class SqlStore:
         return team
 
     async def list_teams(self) -> list[Team]:
-        return [Team(*row) for row in await self._read(every, f"SELECT {TEAM_COLUMNS} FROM teams ORDER BY name")]
+        return [Team(*row) for row in await self._read(every, f"SELECT {tx.TEAM_COLUMNS} FROM teams ORDER BY name")]
 
     # handles and jobs
 
@@ -168,7 +141,7 @@ class SqlStore:
                                admission: Admission | None = None) -> Receipt:
         """Record the handle and its job, reserve ``hold``; with ``admission``, the job may instead wait in the
         local queue (``Receipt.queued``): then it is not to be sent."""
-        return await self._write(_begin_submission, submission, hold, iso_utc(), admission)
+        return await self._write(tx.begin_submission, submission, hold, iso_utc(), admission)
 
     async def idempotent_handle(self, team: str, user: str, key: str, now: str) -> RememberedKey | None:
         row = await self._point(
@@ -180,15 +153,16 @@ class SqlStore:
         return RememberedKey(*row) if row else None
 
     async def purge_idempotency(self, now: str) -> int:
-        """Forget expired keys, :data:`PURGE_BATCH` per write, so no write holds its locks for long."""
+        """Forget expired keys, ``PURGE_BATCH`` (:mod:`proxy.store.transactions`) per write, so no write holds its
+        locks for long."""
         purged = 0
         while True:
             batch = await self._write(
                 changed, "DELETE FROM idempotency_keys WHERE (team, user_id, idempotency_key) IN ("
                          "SELECT team, user_id, idempotency_key FROM idempotency_keys WHERE expires_at <= ? LIMIT ?)",
-                now, PURGE_BATCH)
+                now, tx.PURGE_BATCH)
             purged += batch
-            if batch < PURGE_BATCH:
+            if batch < tx.PURGE_BATCH:
                 return purged
 
     async def find_reusable(self, fingerprint: str, completed_after: str) -> ReusableJob | None:
@@ -200,34 +174,34 @@ class SqlStore:
         return ReusableJob(*row) if row else None
 
     async def attach_handle(self, submission: Submission, job_id: int, saving: Saving) -> int:
-        return await self._write(_attach_handle, submission, job_id, saving, iso_utc())
+        return await self._write(tx.attach_handle, submission, job_id, saving, iso_utc())
 
     async def mark_submitted(self, job_id: int, upstream_id: str, status: str, *, quiet: bool = False) -> None:
         """The upstream accepted the job; ``quiet``: its handles already heard this status (a queued job, QUEUED)."""
-        await self._write(_mark_submitted, job_id, upstream_id, status, iso_utc(), time.time(), quiet)
+        await self._write(tx.mark_submitted, job_id, upstream_id, status, iso_utc(), time.time(), quiet)
 
     async def mark_rejected(self, job_id: int, reason: str) -> None:
-        await self._write(_mark_rejected, job_id, reason, iso_utc())
+        await self._write(tx.mark_rejected, job_id, reason, iso_utc())
 
     async def mark_indeterminate(self, job_id: int, reason: str) -> None:
         await self._write(changed, "UPDATE jobs SET status = 'INDETERMINATE', error = ?, updated_at = ? "
                                    "WHERE id = ? AND status = 'SUBMITTING'", reason, iso_utc(), job_id)
 
     async def get_handle(self, handle: str) -> HandleView | None:
-        row = await self._point(HANDLE_SELECT + " AND h.id = ?", handle)
-        return handle_view(row) if row else None
+        row = await self._point(tx.HANDLE_SELECT + " AND h.id = ?", handle)
+        return tx.handle_view(row) if row else None
 
     async def handles_of(self, team: str, limit: int = 100, before: str | None = None) -> list[HandleView]:
-        sql = HANDLE_SELECT + " AND h.team = ?" + (" AND h.created_at < ?" if before else "")
+        sql = tx.HANDLE_SELECT + " AND h.team = ?" + (" AND h.created_at < ?" if before else "")
         sql += " ORDER BY h.created_at DESC, h.id DESC LIMIT ?"
         params = (team, before, limit) if before else (team, limit)
-        return [handle_view(row) for row in await self._read(every, sql, *params)]
+        return [tx.handle_view(row) for row in await self._read(every, sql, *params)]
 
     async def update_job(self, job_id: int, update: JobUpdate, decision: Decision | None = None) -> bool:
-        return await self._write(_update_job, job_id, update, decision, iso_utc())
+        return await self._write(tx.update_job, job_id, update, decision, iso_utc())
 
     async def active_jobs(self, limit: int = 10_000) -> list[RunningJob]:
-        rows = await self._read(every, f"SELECT id, upstream_id, checked_at FROM jobs WHERE {RUNNING} "
+        rows = await self._read(every, f"SELECT id, upstream_id, checked_at FROM jobs WHERE {tx.RUNNING} "
                                        "ORDER BY checked_at LIMIT ?", limit)
         return [RunningJob(*row) for row in rows]
 
@@ -237,14 +211,14 @@ class SqlStore:
 
     async def claim_refresh(self, job_id: int, now: float, interval: float) -> bool:
         return await self._write(changed, f"UPDATE jobs SET lease_until = ? WHERE id = ? AND lease_until <= ? "
-                                          f"AND {RUNNING}",
+                                          f"AND {tx.RUNNING}",
                                  now + interval, job_id, now) == 1
 
     async def claim_running(self, now: float, interval: float, limit: int) -> list[RunningJob]:
-        return await self._write(_claim_running, now, interval, limit)
+        return await self._write(tx.claim_running, now, interval, limit)
 
     async def count_submit(self, team: str, dry_run: bool, now: float, window: float, factor: int) -> SubmitWindow:
-        return await self._write(_count_submit, team, dry_run, now, window, factor)
+        return await self._write(tx.count_submit, team, dry_run, now, window, factor)
 
     async def take_lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
         return await self._write(changed, "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?) ON CONFLICT (name) "
@@ -253,13 +227,13 @@ class SqlStore:
                                  name, holder, now + seconds, now) == 1
 
     async def reservation(self, job_id: int) -> Reservation | None:
-        row = await self._read(one, RESERVATION_SELECT + " WHERE r.job_id = ?", job_id)
-        return reservation(row) if row else None
+        row = await self._read(one, tx.RESERVATION_SELECT + " WHERE r.job_id = ?", job_id)
+        return tx.reservation(row) if row else None
 
     async def open_reservations(self, created_before: str) -> list[Reservation]:
-        rows = await self._read(every, RESERVATION_SELECT + " WHERE r.state = 'open' AND r.created_at < ? "
+        rows = await self._read(every, tx.RESERVATION_SELECT + " WHERE r.state = 'open' AND r.created_at < ? "
                                                             "ORDER BY r.created_at", created_before)
-        return [reservation(row) for row in rows]
+        return [tx.reservation(row) for row in rows]
 
     # the local queue (proxy.queueing; the SQL is proxy.store.queue)
 
@@ -279,14 +253,14 @@ class SqlStore:
 
     async def cancel_waiting(self, handle: str, who: str) -> None:
         """End the waiting job of ``handle`` as cancelled, released at once; :class:`Conflict` if it cannot be."""
-        await self._write(queue.cancel, handle, who, _update_job, iso_utc())
+        await self._write(queue.cancel, handle, who, tx.update_job, iso_utc())
 
     async def expire_waiting(self, now: float, limit: int = 100) -> list[int]:
         """End the waiting jobs past their deadline as ERROR, released; their job ids."""
         ended = []
         for job_id, enqueued_at, deadline in await self._read(queue.expired, now, limit):
             message = queue.EXPIRED.format(waited=round(now - enqueued_at), limit=round(deadline - enqueued_at))
-            if await self._write(queue.end_waiting, job_id, message, _update_job, iso_utc()):
+            if await self._write(queue.end_waiting, job_id, message, tx.update_job, iso_utc()):
                 ended.append(job_id)
         return ended
 
@@ -324,21 +298,21 @@ class SqlStore:
             row = await self._read(one, "SELECT webhook_secret FROM teams WHERE name = ?", team)
             if row is not None and row[0]:
                 return str(row[0])
-        return await self._write(_webhook_secret, team, rotate, outbox.new_secret())
+        return await self._write(tx.webhook_secret, team, rotate, outbox.new_secret())
 
     # money
 
     async def budget_view(self, team: str, period_key: str) -> BudgetView:
-        return await self._read(_budget_view, team, period_key)
+        return await self._read(tx.budget_view, team, period_key)
 
     async def check_hold(self, team: str, user: str, hold: Hold) -> HoldCheck:
-        return await self._read(_check_hold, team, user, hold)
+        return await self._read(tx.check_hold, team, user, hold)
 
     async def add_entry(self, team: str, kind: str, amount_micros: int, period_key: str, global_period_key: str,
                         actor: str, note: str) -> LedgerEntry:
         if kind not in ("adjust", "topup"):
             raise ValueError("kind must be adjust or topup")
-        return await self._write(_add_entry, team, kind, amount_micros, period_key, global_period_key, actor, note,
+        return await self._write(tx.add_entry, team, kind, amount_micros, period_key, global_period_key, actor, note,
                                  iso_utc())
 
     async def ledger(self, team: str, period_key: str | None = None, limit: int = 100,
@@ -383,7 +357,7 @@ class SqlStore:
         return Totals(spent, reserved)
 
     async def find_handles(self, query: HandleQuery, limit: int = 50) -> list[JobRow]:
-        sql = JOB_ROWS
+        sql = tx.JOB_ROWS
         params: list[Any] = []
         for clause, value in (("h.team = ?", query.team), ("h.user_id = ?", query.user), ("h.model = ?", query.model),
                               ("j.status = ?", query.status), ("h.cache = ?", query.cache),
@@ -395,12 +369,12 @@ class SqlStore:
             sql += " AND (h.created_at < ? OR (h.created_at = ? AND h.id < ?))"
             params.extend((query.before[0], query.before[0], query.before[1]))
         sql += " ORDER BY h.created_at DESC, h.id DESC LIMIT ?"
-        return [job_row(row) for row in await self._read(every, sql, *params, limit)]
+        return [tx.job_row(row) for row in await self._read(every, sql, *params, limit)]
 
     # the console's sign-in
 
     async def add_console_link(self, token_hash: str, identity: ConsoleIdentity, expires_at: str) -> None:
-        await self._write(_add_console_link, token_hash, identity, expires_at, iso_utc())
+        await self._write(tx.add_console_link, token_hash, identity, expires_at, iso_utc())
 
     async def redeem_console_link(self, token_hash: str, now: str) -> ConsoleIdentity | None:
         row = await self._write(one, "UPDATE console_links SET used_at = ? WHERE token_hash = ? AND used_at IS NULL "
@@ -409,7 +383,7 @@ class SqlStore:
 
     async def add_console_session(self, id_hash: str, identity: ConsoleIdentity, csrf: str, now: str,
                                   expires_at: str) -> None:
-        await self._write(_add_console_session, id_hash, identity, csrf, now, expires_at)
+        await self._write(tx.add_console_session, id_hash, identity, csrf, now, expires_at)
 
     async def console_session(self, id_hash: str, now: str) -> ConsoleSession | None:
         row = await self._point("SELECT team, user_id, admin, csrf, expires_at FROM console_sessions "
@@ -420,7 +394,7 @@ class SqlStore:
         await self._write(changed, "DELETE FROM console_sessions WHERE id_hash = ?", id_hash)
 
     async def record_refusal(self, team: str, user: str, model: str, message: str, now: str) -> None:
-        await self._write(_record_refusal, team, user, model, message, now)
+        await self._write(tx.record_refusal, team, user, model, message, now)
 
     async def recent_refusals(self, team: str, limit: int = 10) -> list[Refusal]:
         rows = await self._read(every, "SELECT at, user_id, model, message FROM refusals WHERE team = ? "
@@ -428,11 +402,11 @@ class SqlStore:
         return [Refusal(*row) for row in rows]
 
     async def spend_report(self, period_keys: dict[str, str]) -> list[SpendRow]:
-        return await self._read(_spend_report, period_keys)
+        return await self._read(tx.spend_report, period_keys)
 
     async def metric_figures(self, period_keys: dict[str, str]) -> dict[str, list[tuple[dict[str, str], float]]]:
         """The store-held figures /metrics exports (see ``proxy.metrics.STORE_METRICS``), in USD or counts."""
-        return await self._read(_metric_figures, period_keys)
+        return await self._read(tx.metric_figures, period_keys)
 
     async def ledger_mismatches(self) -> list[str]:
         return await self._read(accounts.mismatches)

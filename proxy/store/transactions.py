@@ -73,7 +73,7 @@ def team_in(name: str) -> Tx[Team]:
     return Team(*row)
 
 
-def _begin_submission(submission: Submission, hold: Hold | None, now: str,
+def begin_submission(submission: Submission, hold: Hold | None, now: str,
                       admission: Admission | None = None) -> Tx[Receipt]:
     team = None
     through_gate = False
@@ -94,7 +94,7 @@ def _begin_submission(submission: Submission, hold: Hold | None, now: str,
             raise FingerprintTaken(0, "ENDED")
         raise FingerprintTaken(int(holder[0]), str(holder[1]))
     (job_id,) = inserted
-    yield from _insert_handle(submission, job_id, now)
+    yield from insert_handle(submission, job_id, now)
     if hold is None:
         return Receipt(job_id)
     team = team or (yield from team_in(submission.team))
@@ -106,12 +106,12 @@ def _begin_submission(submission: Submission, hold: Hold | None, now: str,
                                               handle=submission.handle, model=submission.model, now=now,
                                               count_jobs=admission is None)
     if place is not None and submission.webhook_url is not None:  # sync mode hears the local QUEUED too
-        yield from _notify(job_id, "QUEUED", now, handle=submission.handle)
+        yield from notify(job_id, "QUEUED", now, handle=submission.handle)
     return Receipt(job_id, view, alert, place)
 
 
-def _attach_handle(submission: Submission, job_id: int, saving: Saving, now: str) -> Tx[int]:
-    yield from _insert_handle(submission, job_id, now)
+def attach_handle(submission: Submission, job_id: int, saving: Saving, now: str) -> Tx[int]:
+    yield from insert_handle(submission, job_id, now)
     (saved,) = yield from one(
         "SELECT COALESCE((SELECT spent_delta FROM ledger WHERE job_id = ? AND kind = 'settle'), "
         "(SELECT amount_micros FROM reservations WHERE job_id = ?), 0)", job_id, job_id)
@@ -122,26 +122,26 @@ def _attach_handle(submission: Submission, job_id: int, saving: Saving, now: str
     )
     if submission.webhook_url is not None:  # the status it joined at: terminal mode hears only an end,
         (status,) = yield from one("SELECT status FROM jobs WHERE id = ?", job_id)
-        yield from _notify(job_id, status, now, handle=submission.handle)  # sync mode hears PROCESSING too
+        yield from notify(job_id, status, now, handle=submission.handle)  # sync mode hears PROCESSING too
     return int(saved)
 
 
-def _mark_submitted(job_id: int, upstream_id: str, status: str, now: str, checked_at: float,
+def mark_submitted(job_id: int, upstream_id: str, status: str, now: str, checked_at: float,
                     quiet: bool = False) -> Tx[None]:
     marked = yield from changed("UPDATE jobs SET upstream_id = ?, status = ?, updated_at = ?, checked_at = ? "
                                 "WHERE id = ? AND status = 'SUBMITTING'", upstream_id, status, now, checked_at, job_id)
     if marked == 1 and not quiet:
-        yield from _notify(job_id, status, now)
+        yield from notify(job_id, status, now)
 
 
-def _mark_rejected(job_id: int, reason: str, now: str) -> Tx[None]:
+def mark_rejected(job_id: int, reason: str, now: str) -> Tx[None]:
     rejected = yield from changed("UPDATE jobs SET status = 'REJECTED', error = ?, updated_at = ? "
                                   "WHERE id = ? AND status = 'SUBMITTING'", reason, now, job_id)
     if rejected == 1:
         yield from accounts.resolve(job_id, Decision.release(reason), now)
 
 
-def _update_job(job_id: int, update: JobUpdate, decision: Decision | None, now: str) -> Tx[bool]:
+def update_job(job_id: int, update: JobUpdate, decision: Decision | None, now: str) -> Tx[bool]:
     terminal = update.status in TERMINAL_STATUSES
     before = yield from one("SELECT status FROM jobs WHERE id = ?", job_id)
     applied = yield from changed(
@@ -161,11 +161,11 @@ def _update_job(job_id: int, update: JobUpdate, decision: Decision | None, now: 
     if terminal:
         yield from accounts.resolve(job_id, decision or Decision.release("ended without a decision"), now)
     if before is None or before[0] != update.status:
-        yield from _notify(job_id, update.status, now)
+        yield from notify(job_id, update.status, now)
     return True
 
 
-def _claim_running(now: float, interval: float, limit: int) -> Tx[list[RunningJob]]:
+def claim_running(now: float, interval: float, limit: int) -> Tx[list[RunningJob]]:
     select = f"SELECT id FROM jobs WHERE {RUNNING} AND checked_at <= ? AND lease_until <= ? ORDER BY checked_at LIMIT ?"
     rows = yield Sql(f"UPDATE jobs SET lease_until = ? WHERE id IN ({select}) RETURNING id, upstream_id, checked_at",
                      (now + interval, now - interval, now, limit),
@@ -174,7 +174,7 @@ def _claim_running(now: float, interval: float, limit: int) -> Tx[list[RunningJo
     return sorted((RunningJob(*row) for row in rows.fetchall()), key=lambda job: job.checked_at)
 
 
-def _count_submit(team: str, dry_run: bool, now: float, window: float, factor: int) -> Tx[SubmitWindow]:
+def count_submit(team: str, dry_run: bool, now: float, window: float, factor: int) -> Tx[SubmitWindow]:
     yield Sql("SELECT name FROM teams WHERE name = ? FOR UPDATE", (team,), postgres_only=True)  # one at a time
     row = yield from one("SELECT max_submits_per_minute FROM teams WHERE name = ?", team)
     if row is None:
@@ -192,7 +192,7 @@ def _count_submit(team: str, dry_run: bool, now: float, window: float, factor: i
     return SubmitWindow(limit, used + 1, None)
 
 
-def _webhook_secret(team: str, rotate: bool, fresh: str) -> Tx[str]:
+def webhook_secret(team: str, rotate: bool, fresh: str) -> Tx[str]:
     row = yield from one("SELECT webhook_secret FROM teams WHERE name = ?", team)
     if row is None:
         raise UnknownTeam(team)
@@ -202,17 +202,17 @@ def _webhook_secret(team: str, rotate: bool, fresh: str) -> Tx[str]:
     return fresh
 
 
-def _budget_view(team: str, period_key: str) -> Tx[BudgetView]:
+def budget_view(team: str, period_key: str) -> Tx[BudgetView]:
     return (yield from accounts.budget_view((yield from team_in(team)), period_key))
 
 
-def _check_hold(team: str, user: str, hold: Hold) -> Tx[HoldCheck]:
+def check_hold(team: str, user: str, hold: Hold) -> Tx[HoldCheck]:
     row = yield from team_in(team)
     return HoldCheck((yield from accounts.budget_view(row, hold.period_key)),
                      (yield from accounts.refusal_for(row, user, hold)))
 
 
-def _add_entry(team: str, kind: str, amount: int, period_key: str, global_period_key: str, actor: str, note: str,
+def add_entry(team: str, kind: str, amount: int, period_key: str, global_period_key: str, actor: str, note: str,
                now: str) -> Tx[LedgerEntry]:
     entry_id = yield from accounts.add_entry(team=(yield from team_in(team)), kind=kind, amount=amount,
                                              period_key=period_key, global_period_key=global_period_key,
@@ -221,7 +221,7 @@ def _add_entry(team: str, kind: str, amount: int, period_key: str, global_period
     return accounts.ledger_entry(row)
 
 
-def _spend_report(period_keys: dict[str, str]) -> Tx[list[SpendRow]]:
+def spend_report(period_keys: dict[str, str]) -> Tx[list[SpendRow]]:
     rows = []
     for row in (yield from every(f"SELECT {TEAM_COLUMNS} FROM teams ORDER BY name")):
         team = Team(*row)
@@ -237,7 +237,7 @@ def _spend_report(period_keys: dict[str, str]) -> Tx[list[SpendRow]]:
     return rows
 
 
-def _metric_figures(period_keys: dict[str, str]) -> Tx[dict[str, list[tuple[dict[str, str], float]]]]:
+def metric_figures(period_keys: dict[str, str]) -> Tx[dict[str, list[tuple[dict[str, str], float]]]]:
     figures: dict[str, list[tuple[dict[str, str], float]]] = {}
     spend = yield from every("SELECT team, model, spent_micros, saved_micros FROM spend_rollup ORDER BY team, model")
     figures["pixazo_proxy_spent_usd"] = [({"team": team, "model": model}, spent / USD)
@@ -280,7 +280,7 @@ def _metric_figures(period_keys: dict[str, str]) -> Tx[dict[str, list[tuple[dict
     return figures
 
 
-def _insert_handle(submission: Submission, job_id: int, now: str) -> Tx[None]:
+def insert_handle(submission: Submission, job_id: int, now: str) -> Tx[None]:
     yield Sql(
         "INSERT INTO handles (id, job_id, team, user_id, model, created_at, cache, webhook_url, webhook_mode) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -302,7 +302,7 @@ def _insert_handle(submission: Submission, job_id: int, now: str) -> Tx[None]:
             raise Conflict("A request with this Idempotency-Key is still being processed; retry shortly")
 
 
-def _notify(job_id: int, status: str, now: str, handle: str | None = None) -> Tx[None]:
+def notify(job_id: int, status: str, now: str, handle: str | None = None) -> Tx[None]:
     """Queue webhook deliveries of the job's new ``status`` (to one handle, or to all of the job's)."""
     rows = yield from (every(WEBHOOK_HANDLES + " AND h.id = ?", job_id, handle) if handle
                        else every(WEBHOOK_HANDLES, job_id))
@@ -310,20 +310,20 @@ def _notify(job_id: int, status: str, now: str, handle: str | None = None) -> Tx
     yield from outbox.enqueue(targets, status, status in TERMINAL_STATUSES, now, status_body)
 
 
-def _add_console_link(token_hash: str, identity: ConsoleIdentity, expires_at: str, now: str) -> Tx[None]:
+def add_console_link(token_hash: str, identity: ConsoleIdentity, expires_at: str, now: str) -> Tx[None]:
     yield Sql("DELETE FROM console_links WHERE expires_at <= ?", (now,))  # spent or not, an expired link is gone
     yield Sql("INSERT INTO console_links (token_hash, team, user_id, admin, expires_at) VALUES (?, ?, ?, ?, ?)",
               (token_hash, identity.team, identity.user, int(identity.admin), expires_at))
 
 
-def _add_console_session(id_hash: str, identity: ConsoleIdentity, csrf: str, now: str, expires_at: str) -> Tx[None]:
+def add_console_session(id_hash: str, identity: ConsoleIdentity, csrf: str, now: str, expires_at: str) -> Tx[None]:
     yield Sql("DELETE FROM console_sessions WHERE expires_at <= ?", (now,))
     yield Sql("INSERT INTO console_sessions (id_hash, team, user_id, admin, csrf, created_at, expires_at) "
               "VALUES (?, ?, ?, ?, ?, ?, ?)", (id_hash, identity.team, identity.user, int(identity.admin), csrf, now,
                                                expires_at))
 
 
-def _record_refusal(team: str, user: str, model: str, message: str, now: str) -> Tx[None]:
+def record_refusal(team: str, user: str, model: str, message: str, now: str) -> Tx[None]:
     (entry_id,) = yield from one("INSERT INTO refusals (team, user_id, at, model, message) VALUES (?, ?, ?, ?, ?) "
                                  "RETURNING id", team, user, now, model, message)
     yield Sql("DELETE FROM refusals WHERE team = ? AND id <= ?", (team, int(entry_id) - REFUSALS_KEPT))
