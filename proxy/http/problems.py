@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from ..domain.errors import ProxyError
+from .observe import Handler
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,6 @@ _HTTP_TITLES = {
     413: ("Payload Too Large", "Request body is larger than the configured limit"),
 }
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware

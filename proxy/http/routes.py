@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -13,13 +13,11 @@ from ..domain.values import ModelSpec
 from ..domain.views import status_body
 from ..ops.metrics import metrics_handler
 from ..services import SERVICES, Services
-from .observe import HANDLE, MODEL, TEAM, USER
+from .observe import HANDLE, MODEL, TEAM, USER, Handler
 
 logger = logging.getLogger(__name__)
 
 MAX_HANDLE_LENGTH = 200
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def unknown_model(request: web.Request) -> web.StreamResponse:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar, overload
 
 from aiohttp import web
@@ -35,7 +34,7 @@ from ..auth.tokens import Caller
 from ..domain.queueing import client_status
 from ..domain.validate import canonical_json
 from ..domain.values import Estimate, Hold, ModelSpec
-from ..http.observe import CACHE, HANDLE, MODEL
+from ..http.observe import CACHE, HANDLE, MODEL, Handler
 from ..store import IdempotencyRecord, QueuePlace, Submission
 
 logger = logging.getLogger(__name__)
@@ -159,8 +158,6 @@ class Policy:
 def _defines(policy: Policy, hook: str) -> bool:
     return getattr(type(policy), hook) is not getattr(Policy, hook)
 
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class Pipeline:
     def __init__(self, policies: list[Policy]) -> None:
